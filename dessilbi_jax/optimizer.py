@@ -1,0 +1,221 @@
+"""The DessiLBI update rule as an Optax gradient transformation.
+
+Fu, Liu, Li, Sun, Zeng, Yao. *DessiLBI: Exploring Structural Sparsity of Deep
+Networks via Differential Inclusion Paths.* ICML 2020,
+https://arxiv.org/abs/1905.09449.
+
+One step k -> k+1 (notation of ``ALGORITHM.md``; α the learning rate, κ
+``kappa``, ν ``mu``, β ``momentum``, ω ``weight_decay``)::
+
+  b_k     = β·b_{k−1} + g_k + ω·W_k            (ω only on leaves of rank >= 2)
+  d_k     = b_k                                 (Nesterov: g_k + ω·W_k + β·b_k)
+  W_{k+1} = W_k − α·κ·(d_k + (W_k − Γ_k)/ν)     (leaves without structure: W_k − α·κ·d_k)
+  Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
+  Γ_{k+1} = κ·prox_λ(Z_{k+1})                   (Z_0 = Γ_0 = 0)
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dessilbi_jax import grouping
+from dessilbi_jax import prox
+
+
+class DessiLBIState(NamedTuple):
+  """State of :func:`dessilbi`.
+
+  Attributes:
+    count: number of updates applied so far (int32).
+    momentum: the heavy-ball buffer ``b``, one per leaf.
+    z: the dual variable ``Z`` (``None`` on leaves without structure).
+    gamma: the structure variable ``Γ = κ·prox_λ(Z)`` (``None`` likewise).
+    entry_step: per group, the ``count`` after which ``Γ_g`` first became
+      non-zero, ``-1`` while it never has; shaped to broadcast against the leaf
+      (a conv kernel ``(H, W, I, O)`` under ``filter`` has ``(1, 1, 1, O)``).
+  """
+  count: chex.Array
+  momentum: optax.Updates
+  z: optax.Updates
+  gamma: optax.Updates
+  entry_step: optax.Updates
+
+
+def _check_number(name: str, value, *, positive: bool = False, below_one: bool = False):
+  """Raises ValueError for a concrete number out of range (traced values pass)."""
+  try:
+    x = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not np.isfinite(x):
+    raise ValueError(f'`{name}` must be finite, got {value}.')
+  if positive and x <= 0:
+    raise ValueError(f'`{name}` must be > 0, got {value}.')
+  if not positive and x < 0:
+    raise ValueError(f'`{name}` must be >= 0, got {value}.')
+  if below_one and x >= 1:
+    raise ValueError(f'`{name}` must be in [0, 1), got {value}.')
+
+
+def _is_zero(x) -> bool:
+  return isinstance(x, numbers.Number) and x == 0
+
+
+def _after(x, token):
+  """``x``, made to depend on the array ``token`` without changing its value.
+
+  XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
+  written by their own fusion, in place into the donated buffers. ``W_k`` and
+  ``Γ_k`` are read by two of them, and unless a data edge orders every reader
+  before the writer of a buffer, XLA copies that buffer on every step (two
+  extra passes over memory per buffer). The edges, exactly zero:
+  ``min(|Σ token|, 0)``; XLA does not fold them (NaN semantics). ``w + step``
+  is the expression ``optax.apply_updates`` computes, so XLA's CSE makes it
+  the very value written to ``W``.
+  """
+  edge = jnp.minimum(jnp.abs(jnp.sum(token, dtype=jnp.float32)), 0)
+  return x + edge.astype(jnp.result_type(x))
+
+
+def _lambda_per_kind(lambdas) -> dict[str, Any]:
+  if lambdas is None:
+    return {kind: 1.0 for kind in grouping.KINDS}
+  if isinstance(lambdas, Mapping):
+    unknown = set(lambdas) - set(grouping.KINDS)
+    if unknown:
+      raise ValueError(f'`lambdas` names unknown group kind(s) {sorted(unknown)}; kinds are {grouping.KINDS}.')
+    for kind, lam in lambdas.items():
+      _check_number(f'lambdas[{kind!r}]', lam)
+    return {kind: lambdas.get(kind, 1.0) for kind in grouping.KINDS}
+  _check_number('lambdas', lambdas)
+  return {kind: lambdas for kind in grouping.KINDS}
+
+
+def _check_float_params(params):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(
+          f'DessiLBI needs floating-point params; leaf {grouping.path_str(path)!r} has dtype '
+          f'{jnp.result_type(leaf)}. Keep such leaves out with optax.masked or optax.partition.')
+
+
+def dessilbi(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    kappa: float = 1.0,
+    mu: float = 100.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    groups: grouping.GroupsRule = None,
+    lambdas: Union[None, float, Mapping[str, float]] = None,
+    normalize_groups: bool = False,
+    state_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  r"""DessiLBI: SGD coupled with a sparse structure variable on an inverse scale space.
+
+  The weights follow ``W_{k+1} = W_k − α·κ·(d_k + (W_k − Γ_k)/ν)`` where ``d_k``
+  is the (heavy-ball or Nesterov) momentum of the loss gradient; the dual
+  variable ``Z`` integrates the coupling, ``Z_{k+1} = Z_k + (α/ν)(W_k − Γ_k)``,
+  and the structure variable ``Γ = κ·prox_λ(Z)`` starts at zero and gains groups
+  of weights (filters, neurons, single weights) one by one. ``Γ`` is read with
+  :func:`dessilbi_jax.gamma`, its support with :func:`dessilbi_jax.support`.
+
+  Args:
+    learning_rate: α, a number or an optax schedule of the step count.
+    kappa: κ > 0, the damping: W moves with step α·κ and Γ = κ·prox(Z).
+    mu: ν > 0, the coupling strength between W and Γ (larger: looser).
+    momentum: β in [0, 1), heavy-ball momentum on the loss gradient.
+    nesterov: use Nesterov's variant of the momentum.
+    weight_decay: ω >= 0, L2 decay added to the gradient of leaves of rank >= 2.
+    groups: the grouping rule (:mod:`dessilbi_jax.grouping`); ``None`` is the
+      reference rule: conv kernels -> ``filter``, 2-D -> ``lasso``, else none.
+    lambdas: λ >= 0 of the proximal map: one number for every kind or a
+      mapping ``{kind: λ}`` (missing kinds: 1.0). A number works with
+      ``optax.inject_hyperparams``.
+    normalize_groups: divide ``‖z_g‖`` by ``√(group size)`` in the proximal map.
+    state_dtype: dtype of the momentum, ``Z`` and ``Γ``; default: the params'.
+      Use ``jnp.float32`` with bf16/f16 params: ``Z`` accumulates steps of size α/ν.
+
+  Returns:
+    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import dessilbi_jax as dl
+    >>> params = {'w': jnp.array([[2.0, 0.01], [2.0, 0.01]])}
+    >>> loss = lambda p: jnp.sum((p['w'] - jnp.array([[2.0, 0.0], [2.0, 0.0]])) ** 2)
+    >>> tx = dl.dessilbi(0.1, kappa=1.0, mu=1.0, momentum=0.0)
+    >>> state = tx.init(params)
+    >>> for _ in range(50):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> dl.support(state)['w']      # the large weights entered Γ's support, the small did not
+    Array([[ True, False],
+           [ True, False]], dtype=bool)
+  """
+  if not callable(learning_rate):
+    _check_number('learning_rate', learning_rate)
+  _check_number('kappa', kappa, positive=True)
+  _check_number('mu', mu, positive=True)
+  _check_number('momentum', momentum, below_one=True)
+  _check_number('weight_decay', weight_decay)
+  lambda_of = _lambda_per_kind(lambdas)
+  if not isinstance(nesterov, (bool, np.bool_)):
+    raise ValueError(f'`nesterov` must be True or False, got {nesterov!r}.')
+
+  def init_fn(params):
+    _check_float_params(params)
+    kinds = grouping.resolve_kinds(params, groups)
+    dtype_of = lambda w: state_dtype or jnp.result_type(w)
+    per_leaf = lambda f: jax.tree.map(lambda w, k: None if k is None else f(w, k), params, kinds)
+    return DessiLBIState(
+        count=jnp.zeros([], jnp.int32),
+        momentum=jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), dtype_of(w)), params),
+        z=per_leaf(lambda w, k: jnp.zeros(jnp.shape(w), dtype_of(w))),
+        gamma=per_leaf(lambda w, k: jnp.zeros(jnp.shape(w), dtype_of(w))),
+        entry_step=per_leaf(lambda w, k: jnp.full(grouping.group_shape(k, jnp.shape(w)), -1, jnp.int32)),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('dessilbi needs `params` in update(grads, state, params): W enters the coupling (W − Γ)/ν.')
+    kinds = grouping.resolve_kinds(params, groups)
+    alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    new_count = optax.safe_increment(state.count)
+
+    def leaf_update(g, b, w, z, gam, entry, kind):
+      dtype = b.dtype
+      g, w = g.astype(dtype), w.astype(dtype)
+      grad = g + weight_decay * w if (w.ndim >= 2 and not _is_zero(weight_decay)) else g
+      b = momentum * b + grad
+      d = grad + momentum * b if nesterov else b
+      if kind is None:
+        return -alpha * kappa * d, b, None, None, None
+      coupling = (w - gam) / mu
+      z = z + alpha * coupling
+      norms = prox.group_norms(z, kind, normalize_groups)
+      step = _after(-alpha * kappa * (d + coupling), norms)
+      lam = _after(lambda_of[kind], w + step)
+      shrunk, in_support = prox.group_prox(z, kind, lam, normalize_groups, norms)
+      entry = jnp.where((entry < 0) & in_support, new_count, entry)
+      return step, b, z, (kappa * shrunk).astype(dtype), entry
+
+    treedef = jax.tree.structure(params)
+    flat = [treedef.flatten_up_to(t) for t in
+            (updates, state.momentum, params, state.z, state.gamma, state.entry_step, kinds)]
+    results = [leaf_update(*args) for args in zip(*flat)]
+    step, b, z, gam, entry = (treedef.unflatten(list(r)) for r in zip(*results))
+    step = jax.tree.map(lambda s, w: s.astype(jnp.result_type(w)), step, params)
+    return step, DessiLBIState(count=new_count, momentum=b, z=z, gamma=gam, entry_step=entry)
+
+  return optax.GradientTransformation(init_fn, update_fn)
