@@ -1,0 +1,524 @@
+"""The model zoo: Flax (linen) networks of the DessiLBI papers, rebuilt from widths.
+
+Every model takes its widths as a tuple of numbers, so the same class builds a
+narrower or wider network; the defaults give the reference architectures.
+
+=============  ==============================  ==========================  ===============
+name           architecture                    ``widths`` (the default)    one example
+=============  ==============================  ==========================  ===============
+``mlp``        ReLU multilayer perceptron      hidden layers (300, 100)    any, flattened
+``lenet5``     LeNet-5 (alias ``lenet``)       conv, conv, fc, fc          (H, W, C), >= 4
+                                               (6, 16, 120, 84)
+``conv1d``     1-D convnet of MNIST-1D         3 convs (25, 25, 25)        (L, C): (40, 1)
+``vgg16``      VGG-16 with batch norm, CIFAR   13 convs (64, ..., 512)     (H, W, C), >= 32
+``resnet20``   CIFAR ResNet, 3 x 3 blocks      per stage (16, 32, 64)      (H, W, C)
+``resnet32``   CIFAR ResNet, 3 x 5 blocks      per stage (16, 32, 64)      (H, W, C)
+``resnet56``   CIFAR ResNet, 3 x 9 blocks      per stage (16, 32, 64)      (H, W, C)
+``resnet110``  CIFAR ResNet, 3 x 18 blocks     per stage (16, 32, 64)      (H, W, C)
+``resnet18``   ImageNet ResNet, basic blocks   per stage                   (H, W, C)
+                                               (64, 128, 256, 512)
+``resnet50``   ImageNet ResNet, bottlenecks    per stage                   (H, W, C)
+                                               (64, 128, 256, 512)
+=============  ==============================  ==========================  ===============
+
+All models are called as ``model.apply(variables, x, train=...)`` on a batch
+``x`` of shape ``(batch, *input_shape)``. The batch-norm models (``vgg16`` and
+the ResNets) keep running statistics in the ``batch_stats`` collection: with
+``train=True`` they normalize by the batch's statistics and update the running
+ones (pass ``mutable=['batch_stats']``); with ``train=False`` they use the
+running ones. Their ``axis_name`` attribute (default ``None``) names a mapped
+axis (``pmap``/``vmap``/``shard_map``) over which batch statistics are averaged,
+so a batch split over devices is normalized as one.
+
+Example::
+
+  >>> import jax, jax.numpy as jnp
+  >>> from dessilbi_jax import models
+  >>> model = models.get_model('lenet5', num_classes=10, input_shape=(8, 8, 1))
+  >>> x = jnp.ones((2, 8, 8, 1))
+  >>> variables = model.init(jax.random.key(0), x, train=False)
+  >>> models.count_params(variables['params'])
+  21386
+  >>> model.apply(variables, x, train=False).shape
+  (2, 10)
+
+A batch-norm model in train mode returns its updated statistics too::
+
+  >>> model = models.get_model('resnet20', num_classes=10, input_shape=(32, 32, 3))
+  >>> x = jnp.ones((2, 32, 32, 3))
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  >>> logits, state = jax.eval_shape(
+  ...     lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']), variables, x)
+  >>> logits.shape, sorted(state)
+  ((2, 10), ['batch_stats'])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _check_widths(model: str, widths: Any, length: Optional[int], meaning: str, default: Sequence[int]) -> None:
+  """Raises ValueError unless ``widths`` is ``length`` positive integers."""
+  ok = (isinstance(widths, (tuple, list)) and (length is None or len(widths) == length)
+        and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w > 0 for w in widths))
+  if not ok:
+    count = 'any number of' if length is None else f'{length}'
+    raise ValueError(
+        f'{model} widths must be a tuple of {count} positive integers ({meaning}), e.g. the '
+        f'default {tuple(default)}; got {widths!r}.')
+
+
+def _batch_norm(train: bool, axis_name: Optional[str]) -> nn.BatchNorm:
+  # PyTorch's defaults (momentum 0.1 there is 0.9 here), as in the reference models.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name)
+
+
+# Convolutions followed by batch norm need no bias; He et al. (2015) initialization
+# suits their ReLUs. Padding k // 2 on each side is PyTorch's, so shapes match the
+# reference implementations exactly.
+def _conv(features: int, kernel: int, stride: int = 1, name: Optional[str] = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=kernel // 2, use_bias=False,
+                 kernel_init=nn.initializers.he_normal(), name=name)
+
+
+class MLP(nn.Module):
+  """A ReLU multilayer perceptron on the flattened input.
+
+  The default ``widths=(300, 100)`` is LeNet-300-100 (LeCun et al., 1998): on
+  28 x 28 MNIST it has 784·300 + 300 + 300·100 + 100 + 100·10 + 10 = 266,610
+  parameters.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax.models import MLP, count_params
+    >>> model = MLP(widths=(100, 100), num_classes=10)
+    >>> x = jnp.zeros((5, 40, 1))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> count_params(variables), jax.eval_shape(model.apply, variables, x).shape
+    (15210, (5, 10))
+  """
+  widths: Sequence[int] = (300, 100)
+  num_classes: int = 10
+
+  def __post_init__(self):
+    _check_widths('mlp', self.widths, None, 'one per hidden layer', MLP.widths)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # Same signature as the batch-norm models.
+    x = x.reshape(x.shape[0], -1)
+    for width in self.widths:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class LeNet5(nn.Module):
+  """LeNet-5 (LeCun et al., 1998) with ReLU and max pooling.
+
+  conv 6@5x5 (padding 2) -> pool 2 -> conv 16@5x5 (valid) -> pool 2 -> fc 120
+  -> fc 84 -> fc ``num_classes``; ``widths`` are the four hidden widths. On
+  28 x 28 MNIST it has 156 + 2,416 + 48,120 + 10,164 + 850 = 61,706 parameters.
+
+  Small inputs: the second convolution is 'VALID' (classic) on inputs of at least
+  28 x 28 and 'SAME' on smaller ones, where 'VALID' would leave nothing to pool.
+  On the 8 x 8 digits the maps are 8x8x6 -> 4x4x6 -> 4x4x16 -> 2x2x16, so the
+  first dense layer sees 64 features (21,386 parameters in all).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax.models import LeNet5, count_params
+    >>> model = LeNet5(num_classes=10)
+    >>> x = jnp.zeros((3, 8, 8, 1))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> count_params(variables), jax.eval_shape(model.apply, variables, x).shape
+    (21386, (3, 10))
+  """
+  widths: Sequence[int] = (6, 16, 120, 84)
+  num_classes: int = 10
+
+  def __post_init__(self):
+    _check_widths('lenet5', self.widths, 4, 'conv1, conv2, fc1, fc2', LeNet5.widths)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # Same signature as the batch-norm models.
+    conv1, conv2, fc1, fc2 = self.widths
+    second_padding = 'VALID' if min(x.shape[1:3]) >= 28 else 'SAME'
+    x = nn.relu(nn.Conv(conv1, (5, 5), padding=2)(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(conv2, (5, 5), padding=second_padding)(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(fc1)(x))
+    x = nn.relu(nn.Dense(fc2)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class Conv1DNet(nn.Module):
+  """The 1-D convnet of MNIST-1D (Greydanus, 2020: ``mnist1d``'s ``ConvBase``).
+
+  Three ReLU convolutions of kernel 5, 3, 3, stride 2, padding 1, then a dense
+  layer; ``widths`` are the three channel counts. On the (40, 1) MNIST-1D input
+  the lengths are 40 -> 19 -> 10 -> 5, so the head sees 5·25 = 125 features:
+  150 + 1,900 + 1,900 + 1,260 = 5,210 parameters.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax.models import Conv1DNet, count_params
+    >>> model = Conv1DNet(num_classes=10)
+    >>> x = jnp.zeros((4, 40, 1))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> count_params(variables), jax.eval_shape(model.apply, variables, x).shape
+    (5210, (4, 10))
+  """
+  widths: Sequence[int] = (25, 25, 25)
+  num_classes: int = 10
+
+  def __post_init__(self):
+    _check_widths('conv1d', self.widths, 3, 'one per conv layer', Conv1DNet.widths)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # Same signature as the batch-norm models.
+    for width, kernel in zip(self.widths, (5, 3, 3)):
+      x = nn.relu(nn.Conv(width, (kernel,), strides=2, padding=1)(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes)(x)
+
+
+class VGG16(nn.Module):
+  """VGG-16 (Simonyan & Zisserman, 2015) with batch norm, CIFAR variant.
+
+  13 conv3x3-BN-ReLU layers, 2x2 max pooling after layers 2, 4, 7, 10 and 13,
+  and one dense layer on the flattened 1 x 1 x 512 map (``kuangliu/pytorch-cifar``).
+  ``widths`` are the 13 conv widths. For CIFAR-10: 14,710,464 conv weights +
+  8,448 batch-norm scales and offsets + 5,130 in the head = 14,724,042
+  parameters (the PyTorch version adds 4,224 conv biases that batch norm makes
+  redundant, 14,728,266).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax.models import VGG16, count_params
+    >>> model = VGG16(num_classes=10)
+    >>> x = jnp.zeros((2, 32, 32, 3))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> count_params(variables['params']), jax.eval_shape(model.apply, variables, x).shape
+    (14724042, (2, 10))
+  """
+  widths: Sequence[int] = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+  num_classes: int = 10
+  axis_name: Optional[str] = None
+
+  def __post_init__(self):
+    _check_widths('vgg16', self.widths, 13, 'one per conv layer', VGG16.widths)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for layer, width in enumerate(self.widths, start=1):
+      x = nn.relu(_batch_norm(train, self.axis_name)(_conv(width, 3)(x)))
+      if layer in (2, 4, 7, 10, 13):
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+  """Two conv3x3-BN layers and a shortcut: ResNet-18/34 and the CIFAR ResNets.
+
+  ``shortcut='projection'`` (option B of He et al.) uses a 1x1 conv + BN where the
+  shape changes; ``'pad'`` (option A) subsamples and zero-pads the channels, with
+  no parameters.
+  """
+  width: int
+  stride: int = 1
+  shortcut: str = 'projection'
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.width, 3, self.stride)(x)))
+    y = _batch_norm(train, self.axis_name)(_conv(self.width, 3)(y))
+    return nn.relu(y + _shortcut(x, self.width, self.stride, self.shortcut, train, self.axis_name))
+
+
+class BottleneckBlock(nn.Module):
+  """1x1, 3x3 (strided, as in torchvision's ResNet v1.5), 1x1 conv-BN layers.
+
+  The block outputs ``4 * width`` channels; the shortcut is a projection where
+  the shape changes (option B).
+  """
+  width: int
+  stride: int = 1
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.width, 1)(x)))
+    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.width, 3, self.stride)(y)))
+    y = _batch_norm(train, self.axis_name)(_conv(4 * self.width, 1)(y))
+    return nn.relu(y + _shortcut(x, 4 * self.width, self.stride, 'projection', train, self.axis_name))
+
+
+def _shortcut(x: jax.Array, width: int, stride: int, kind: str, train: bool,
+              axis_name: Optional[str]) -> jax.Array:
+  """Identity when the shape is kept; else option A ('pad') or B ('projection')."""
+  if stride == 1 and x.shape[-1] == width:
+    return x
+  if kind == 'projection':
+    return _batch_norm(train, axis_name)(_conv(width, 1, stride, name='shortcut_conv')(x))
+  x = x[:, ::stride, ::stride, :]
+  extra = width - x.shape[-1]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class CifarResNet(nn.Module):
+  """The CIFAR ResNets of He et al. (2016, section 4.2): ResNet-20/32/56/110.
+
+  A 3x3 conv, three stages of ``stage_sizes`` basic blocks (the 2nd and 3rd
+  halve the resolution), global average pooling and a dense layer; depth
+  6n + 2 for ``stage_sizes=(n, n, n)``. ``widths`` are per stage (every block of
+  a stage, and the stem for the first, has that width). Shortcuts are option A,
+  as in the paper: identity, or subsample + zero-pad where the width grows, so
+  the parameter counts are the published ones (ResNet-20/32/56/110: 269,722 /
+  464,154 / 853,018 / 1,727,962, i.e. 0.27 M / 0.46 M / 0.85 M / 1.7 M) and
+  widths must not decrease from stage to stage.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax.models import CifarResNet, count_params
+    >>> model = CifarResNet(stage_sizes=(9, 9, 9), widths=(16, 32, 64), num_classes=10)  # ResNet-56
+    >>> x = jnp.zeros((2, 32, 32, 3))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> count_params(variables['params']), jax.eval_shape(model.apply, variables, x).shape
+    (853018, (2, 10))
+  """
+  stage_sizes: Sequence[int] = (3, 3, 3)
+  widths: Sequence[int] = (16, 32, 64)
+  num_classes: int = 10
+  axis_name: Optional[str] = None
+
+  def __post_init__(self):
+    _check_widths('cifar resnet', self.widths, len(self.stage_sizes), 'one per stage', CifarResNet.widths)
+    if any(a > b for a, b in zip(self.widths, self.widths[1:])):
+      raise ValueError(f'cifar resnet widths must not decrease (option A shortcuts zero-pad '
+                       f'channels, they cannot drop any); got {tuple(self.widths)}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.widths[0], 3)(x)))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(blocks):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, stride, 'pad', self.axis_name)(x, train)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class ResNet(nn.Module):
+  """The ImageNet ResNets of He et al. (2016): ResNet-18 and ResNet-50.
+
+  A 7x7/2 conv and a 3x3/2 max pool, four stages of ``stage_sizes`` blocks (the
+  last three halve the resolution), global average pooling and a dense layer.
+  ``widths`` are per stage (the stem has the first); a bottleneck block outputs
+  four times its width. Projection shortcuts (option B) where the shape
+  changes. Parameter counts are torchvision's: ResNet-18 11,689,512, ResNet-50
+  25,557,032 (1,000 classes).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax.models import BottleneckBlock, ResNet, count_params
+    >>> model = ResNet(stage_sizes=(3, 4, 6, 3), block=BottleneckBlock)  # ResNet-50
+    >>> x = jnp.zeros((2, 224, 224, 3))
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> count_params(variables['params']), jax.eval_shape(model.apply, variables, x).shape
+    (25557032, (2, 1000))
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: Callable[..., nn.Module] = BasicBlock
+  widths: Sequence[int] = (64, 128, 256, 512)
+  num_classes: int = 1000
+  axis_name: Optional[str] = None
+
+  def __post_init__(self):
+    _check_widths('resnet', self.widths, len(self.stage_sizes), 'one per stage', ResNet.widths)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.widths[0], 7, 2)(x)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(blocks):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = self.block(width=width, stride=stride, axis_name=self.axis_name)(x, train)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class _Entry(NamedTuple):
+  build: Callable[..., nn.Module]  # (widths=..., num_classes=...) -> Module
+  input_rank: Optional[int]        # rank of one example (None: any)
+  min_size: int                    # smallest spatial size it accepts
+  batch_norm: bool                 # has batch statistics (and an axis_name)
+
+
+_REGISTRY = {
+    'mlp': _Entry(MLP, None, 1, False),
+    'lenet5': _Entry(LeNet5, 3, 4, False),
+    'conv1d': _Entry(Conv1DNet, 2, 3, False),
+    'vgg16': _Entry(VGG16, 3, 32, True),
+    'resnet20': _Entry(functools.partial(CifarResNet, stage_sizes=(3, 3, 3)), 3, 1, True),
+    'resnet32': _Entry(functools.partial(CifarResNet, stage_sizes=(5, 5, 5)), 3, 1, True),
+    'resnet56': _Entry(functools.partial(CifarResNet, stage_sizes=(9, 9, 9)), 3, 1, True),
+    'resnet110': _Entry(functools.partial(CifarResNet, stage_sizes=(18, 18, 18)), 3, 1, True),
+    'resnet18': _Entry(functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock), 3, 1, True),
+    'resnet50': _Entry(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BottleneckBlock), 3, 1, True),
+}
+_ALIASES = {'lenet': 'lenet5'}
+
+
+def list_models() -> tuple[str, ...]:
+  """The model names :func:`get_model` accepts (``'lenet'`` is also accepted for ``'lenet5'``)."""
+  return tuple(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int, input_shape: Sequence[int],
+              widths: Optional[Sequence[int]] = None, *, axis_name: Optional[str] = None) -> nn.Module:
+  """Builds model ``name`` for inputs of ``input_shape`` (one example, no batch axis).
+
+  Args:
+    name: one of :func:`list_models`, or the alias ``'lenet'``.
+    num_classes: the number of outputs (logits).
+    input_shape: the shape of one example, e.g. ``(8, 8, 1)`` (digits), ``(40, 1)``
+      (MNIST-1D), ``(28, 28, 1)``, ``(32, 32, 3)``, ``(224, 224, 3)``.
+    widths: the model's widths (see the table in the module docstring); ``None``
+      gives the reference architecture.
+    axis_name: for the batch-norm models, the mapped axis (e.g. of ``pmap``)
+      over which batch statistics are averaged; ignored by the others.
+
+  Returns:
+    A ``flax.linen.Module``; call ``init``/``apply`` with ``train=...``.
+
+  Raises:
+    ValueError: for an unknown name, bad widths, or an input shape the model
+      cannot take.
+
+  Example::
+
+    >>> from dessilbi_jax import models
+    >>> models.get_model('lenet', 10, (28, 28, 1), widths=(3, 8, 60, 42)).widths
+    (3, 8, 60, 42)
+  """
+  key = _ALIASES.get(name, name)
+  if key not in _REGISTRY:
+    choices = ', '.join(list(_REGISTRY) + list(_ALIASES))
+    raise ValueError(f'Unknown model {name!r}; choose one of: {choices}.')
+  entry = _REGISTRY[key]
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive integer; got {num_classes!r}.')
+  input_shape = tuple(input_shape)
+  if entry.input_rank is not None and len(input_shape) != entry.input_rank:
+    layout = {2: '(length, channels), e.g. (40, 1)', 3: '(height, width, channels), e.g. (32, 32, 3)'}
+    raise ValueError(f'{key} takes inputs of shape {layout[entry.input_rank]}; got input_shape {input_shape}.')
+  if entry.input_rank is not None and min(input_shape[:-1]) < entry.min_size:
+    raise ValueError(f'{key} needs inputs of at least {entry.min_size} along each spatial axis; '
+                     f'got input_shape {input_shape}.')
+  kwargs = {'num_classes': int(num_classes)}
+  if entry.batch_norm:
+    kwargs['axis_name'] = axis_name
+  if widths is not None:
+    # The model checks them (a list is fine; Flax attributes should be hashable).
+    kwargs['widths'] = tuple(widths) if isinstance(widths, list) else widths
+  return entry.build(**kwargs)
+
+
+def count_params(params: Any) -> int:
+  """The number of scalars in a pytree of arrays (or of ``jax.ShapeDtypeStruct``).
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> count_params({'Dense_0': {'kernel': jnp.zeros((3, 4)), 'bias': jnp.zeros(4)}})
+    16
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int], params: Any = None) -> int:
+  """Multiply-accumulates (MACs) of one forward pass of one example.
+
+  Counts the ``nn.Conv`` and ``nn.Dense`` layers, the cost that papers report
+  (biases, normalization, activations and pooling are left out):
+
+      MACs = Σ_layers (output positions) × (kernel entries)
+
+  where a dense layer on a vector has one output position and a conv layer has
+  one per spatial position of its output. With ``params`` given only the
+  non-zero kernel entries count: the cost of a pruned network (zero filters of
+  one layer do not make the next layer's kernel sparse; zero those entries too
+  if the next layer should not pay for them). Shapes are traced with
+  ``jax.eval_shape``, so nothing is compiled or allocated.
+
+  Args:
+    model: a Flax module, e.g. from :func:`get_model`.
+    input_shape: the shape of one example, without the batch axis.
+    params: optionally, the model's ``params`` (e.g. ``variables['params']``).
+
+  Returns:
+    The number of multiply-accumulates, an ``int``.
+
+  Example::
+
+    >>> from dessilbi_jax import models
+    >>> models.count_flops(models.get_model('lenet5', 10, (28, 28, 1)), (28, 28, 1))
+    416520
+  """
+  layers = []  # (module path, output positions, kernel shape)
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(context.module, (nn.Conv, nn.Dense)):
+      kernel = context.module.variables['params']['kernel']
+      layers.append((context.module.path, out.size // out.shape[-1], kernel.shape))
+    return out
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+  total = 0
+  for path, positions, shape in layers:
+    if params is None:
+      entries = math.prod(shape)
+    else:
+      kernel = params
+      try:
+        for name in (*path, 'kernel'):
+          kernel = kernel[name]
+      except (KeyError, TypeError):
+        raise ValueError(f"params has no kernel at {'/'.join(path)}; pass the model's own "
+                         "params (variables['params']).") from None
+      if tuple(kernel.shape) != tuple(shape):
+        raise ValueError(f"params kernel at {'/'.join(path)} has shape {tuple(kernel.shape)}, the model's "
+                         f'has {tuple(shape)}; pass params of this model and input shape.')
+      entries = int(np.count_nonzero(np.asarray(kernel)))
+    total += positions * entries
+  return total
