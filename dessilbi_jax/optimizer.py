@@ -148,6 +148,12 @@ def dessilbi(
   Returns:
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
 
+  With ``optax.inject_hyperparams``, every number (``learning_rate``,
+  ``kappa``, ``mu``, ``momentum``, ``weight_decay``, a single ``lambdas``)
+  becomes part of the state; a callable ``groups`` or a ``state_dtype`` such
+  as ``jnp.float32`` is callable too, so name it in ``static_args``:
+  ``optax.inject_hyperparams(dl.dessilbi, static_args=('groups', 'state_dtype'))``.
+
   Example::
 
     >>> import jax, jax.numpy as jnp, optax

@@ -1,0 +1,580 @@
+"""Tests of `dl.dessilbi`: a plain NumPy reference of ALGORITHM.md, the path, and the optax battery."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dessilbi_jax as dl
+
+# ----------------------------------------------------------------------------------------------
+# The reference: ALGORITHM.md in plain NumPy (float64, explicit loops over the groups).
+# Nothing here comes from dessilbi_jax; the keepdims per-group shapes are the documented ones.
+
+
+def _groups_of(kind, shape):
+  """Pairs (index of the group's entries in the leaf, index of the group in the per-group array)."""
+  if kind == 'filter':
+    return [((..., o), (0,) * (len(shape) - 1) + (o,)) for o in range(shape[-1])]
+  if kind == 'neuron':
+    return [((slice(None), o), (0, o)) for o in range(shape[1])]
+  if kind == 'input':
+    return [((i, slice(None)), (i, 0)) for i in range(shape[0])]
+  if kind == 'head':
+    return [((slice(None), h, slice(None)), (0, h, 0)) for h in range(shape[1])]
+  raise AssertionError(kind)
+
+
+def _per_group_shape(kind, shape):
+  return {
+      'lasso': tuple(shape),
+      'filter': (1,) * (len(shape) - 1) + (shape[-1],),
+      'neuron': (1, shape[1]),
+      'input': (shape[0], 1),
+      'head': (1, shape[1], 1),
+  }[kind]
+
+
+def _reference_prox(z, kind, lam, normalize):
+  """prox_λ(z): soft threshold for lasso, group soft-thresholding group by group otherwise."""
+  if kind == 'lasso':
+    return np.sign(z) * np.maximum(np.abs(z) - lam, 0.0)
+  out = np.zeros_like(z)
+  for index, _ in _groups_of(kind, z.shape):
+    z_g = z[index]
+    norm = np.sqrt(np.sum(z_g ** 2))
+    if normalize:
+      norm /= np.sqrt(z_g.size)
+    out[index] = z_g * max(0.0, 1.0 - lam / norm) if norm > 0 else 0.0
+  return out
+
+
+def _reference_nonzero_groups(gamma, kind):
+  if kind == 'lasso':
+    return gamma != 0
+  flags = np.zeros(_per_group_shape(kind, gamma.shape), bool)
+  for index, position in _groups_of(kind, gamma.shape):
+    flags[position] = np.any(gamma[index] != 0)
+  return flags
+
+
+def _reference_init(params, kinds):
+  """State as dicts keyed by leaf path: W, b, Z, Γ, entry step (Z, Γ, entry only on structured leaves)."""
+  state = dict(count=0, w={}, b={}, z={}, gamma={}, entry={})
+  for path, w in params.items():
+    state['w'][path] = np.asarray(w, np.float64)
+    state['b'][path] = np.zeros(w.shape)
+    if kinds[path] is not None:
+      state['z'][path] = np.zeros(w.shape)
+      state['gamma'][path] = np.zeros(w.shape)
+      state['entry'][path] = np.full(_per_group_shape(kinds[path], w.shape), -1)
+  return state
+
+
+def _reference_step(state, grads, *, kinds, alpha, kappa, mu, momentum, nesterov, weight_decay,
+                    lambdas, normalize):
+  """One step k -> k+1 of ALGORITHM.md; ``alpha`` a number or a function of k, ``lambdas`` a number
+  or a mapping {kind: λ}."""
+  k = state['count']
+  alpha = alpha(k) if callable(alpha) else alpha
+  new = dict(count=k + 1, w={}, b={}, z={}, gamma={}, entry={})
+  for path, w in state['w'].items():
+    g = np.asarray(grads[path], np.float64)
+    if w.ndim >= 2:
+      g = g + weight_decay * w
+    b = momentum * state['b'][path] + g
+    d = g + momentum * b if nesterov else b
+    new['b'][path] = b
+    kind = kinds[path]
+    if kind is None:
+      new['w'][path] = w - alpha * kappa * d
+      continue
+    gam = state['gamma'][path]
+    new['w'][path] = w - alpha * kappa * (d + (w - gam) / mu)
+    new['z'][path] = state['z'][path] + alpha / mu * (w - gam)
+    lam = lambdas[kind] if isinstance(lambdas, dict) else lambdas
+    new['gamma'][path] = kappa * _reference_prox(new['z'][path], kind, lam, normalize)
+    entry = state['entry'][path].copy()
+    entry[(entry < 0) & _reference_nonzero_groups(new['gamma'][path], kind)] = k + 1
+    new['entry'][path] = entry
+  return new
+
+
+# ----------------------------------------------------------------------------------------------
+# A LeNet-shaped parameter tree (plus an attention projection for `head`) and random gradients.
+
+_SHAPES = {
+    'Conv_0': {'kernel': (5, 5, 1, 6), 'bias': (6,)},
+    'Conv_1': {'kernel': (5, 5, 6, 16), 'bias': (16,)},
+    'Dense_0': {'kernel': (400, 120), 'bias': (120,)},
+    'Dense_1': {'kernel': (120, 84), 'bias': (84,)},
+    'Dense_2': {'kernel': (84, 10), 'bias': (10,)},
+    'Attention': {'query': (16, 4, 8)},
+}
+# Every kind, and a 2-D leaf without structure (it still gets weight decay).
+_EVERY_KIND = {
+    'Conv_0/kernel': 'lasso', 'Conv_1/kernel': 'filter', 'Dense_0/kernel': 'neuron',
+    'Dense_1/kernel': 'input', 'Dense_2/kernel': None, 'Attention/query': 'head',
+}
+
+
+def _flat(tree, prefix=''):
+  """{'a/b': leaf} for a nested dict (None leaves kept)."""
+  out = {}
+  for key, value in tree.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(_flat(value, path + '/'))
+    else:
+      out[path] = value
+  return out
+
+
+def _nest(flat):
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  return tree
+
+
+def _lenet_problem(seed=0, steps=50, grad_scale=0.02, shapes=None):
+  """Params (float32) and a list of random gradients.
+
+  Each axis of a weight has its own random scale in [0.4, 1], so the groups along any axis differ
+  in norm and enter Γ's support at different steps.
+  """
+  rng = np.random.default_rng(seed)
+  flat_shapes = _flat(shapes or _SHAPES)
+  params = {}
+  for path, shape in flat_shapes.items():
+    scale = 0.5
+    for axis, size in enumerate(shape):
+      scale = scale * rng.uniform(0.4, 1.0, size=size).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    params[path] = (2 * rng.normal(size=shape) * scale).astype(np.float32)
+  grads = [{path: (grad_scale * rng.normal(size=shape)).astype(np.float32)
+            for path, shape in flat_shapes.items()} for _ in range(steps)]
+  return params, grads
+
+
+def _kinds(params, groups):
+  """The kinds the reference uses: the default rule of ALGORITHM.md, overridden by ``groups``."""
+  default = {4: 'filter', 3: 'filter', 2: 'lasso'}
+  kinds = {path: default.get(w.ndim) for path, w in params.items()}
+  kinds.update(groups or {})
+  return kinds
+
+
+def _library_run(tx, params, grads, jit_kwargs=None):
+  """Runs ``tx`` under jax.jit; returns the final params and state."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, **(jit_kwargs or {}))
+  params = _nest({p: jnp.asarray(w) for p, w in params.items()})
+  state = tx.init(params)
+  for g in grads:
+    params, state = step(params, state, _nest(g))
+  return params, state
+
+
+def _step_hyper(hyper):
+  return {name: value for name, value in hyper.items() if name != 'groups'}
+
+
+def _reference_run(params, grads, **hyper):
+  kinds = _kinds(params, hyper.get('groups'))
+  state = _reference_init(params, kinds)
+  for g in grads:
+    state = _reference_step(state, g, kinds=kinds, **_step_hyper(hyper))
+  return state
+
+
+def _assert_matches_reference(params, state, ref, rtol=2e-5, atol=2e-5):
+  assert int(state.count) == ref['count']
+  flat_params, b, z, gam, entry = (_flat(t) for t in (
+      params, state.momentum, state.z, state.gamma, state.entry_step))
+  for path, w in ref['w'].items():
+    np.testing.assert_allclose(flat_params[path], w, rtol=rtol, atol=atol, err_msg=f'W {path}')
+    np.testing.assert_allclose(b[path], ref['b'][path], rtol=rtol, atol=atol, err_msg=f'b {path}')
+    if path not in ref['z']:
+      assert z[path] is None and gam[path] is None and entry[path] is None, path
+      continue
+    np.testing.assert_allclose(z[path], ref['z'][path], rtol=rtol, atol=atol, err_msg=f'Z {path}')
+    np.testing.assert_allclose(gam[path], ref['gamma'][path], rtol=rtol, atol=atol, err_msg=f'Γ {path}')
+    assert entry[path].dtype == jnp.int32 and entry[path].shape == ref['entry'][path].shape, path
+    np.testing.assert_array_equal(entry[path], ref['entry'][path], err_msg=f'entry step {path}')
+
+
+def _assert_some_but_not_all_entered(ref):
+  """Every structured leaf has groups in Γ's support and groups outside it, entered at many steps."""
+  for path, entry in ref['entry'].items():
+    entered = np.count_nonzero(entry > 0)
+    assert 0 < entered < entry.size, f'{path}: {entered} of {entry.size} groups entered'
+  steps = np.unique(np.concatenate([e[e > 0] for e in ref['entry'].values()]))
+  assert len(steps) >= 10, f'groups entered at only {steps}'
+
+
+# λ per kind that let some but not all groups of each leaf enter within 50 steps
+# (entry after about λ·ν / (α·‖W_g‖) steps).
+_LAMBDAS = {'lasso': 0.1, 'filter': 0.8, 'neuron': 3.5, 'input': 1.8, 'head': 1.5}
+_LAMBDAS_NORMALIZED = {'lasso': 0.1, 'filter': 0.1, 'neuron': 0.17, 'input': 0.19, 'head': 0.13}
+_HYPER = dict(alpha=0.1, kappa=1.0, mu=10.0, momentum=0.9, nesterov=False, weight_decay=0.0,
+              lambdas=_LAMBDAS, normalize=False, groups=None)
+
+REFERENCE_CASES = {
+    'plain': dict(momentum=0.0),
+    'momentum_weight_decay': dict(weight_decay=0.005),
+    'nesterov': dict(nesterov=True),
+    'every_kind': dict(groups=_EVERY_KIND, weight_decay=0.005),
+    'every_kind_normalized': dict(groups=_EVERY_KIND, normalize=True, nesterov=True, kappa=2.0,
+                                  lambdas=_LAMBDAS_NORMALIZED),
+}
+
+
+def _hyper(**overrides):
+  return dict(_HYPER, **overrides)
+
+
+def _library_tx(hyper):
+  return dl.dessilbi(
+      hyper['alpha'], kappa=hyper['kappa'], mu=hyper['mu'], momentum=hyper['momentum'],
+      nesterov=hyper['nesterov'], weight_decay=hyper['weight_decay'], groups=hyper['groups'],
+      lambdas=hyper['lambdas'], normalize_groups=hyper['normalize'])
+
+
+@pytest.mark.parametrize('case', REFERENCE_CASES)
+def test_matches_reference(case):
+  hyper = _hyper(**REFERENCE_CASES[case])
+  params, grads = _lenet_problem()
+  final_params, state = _library_run(_library_tx(hyper), params, grads)
+  ref = _reference_run(params, grads, **hyper)
+  _assert_some_but_not_all_entered(ref)
+  _assert_matches_reference(final_params, state, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# The path on problems whose answer is known.
+
+
+def test_inverse_scale_space_on_sparse_linear_regression():
+  """Full-batch least squares: the true features enter Γ first, and the late path fits the data."""
+  n, p, sigma = 200, 20, 0.5
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, p)).astype(np.float32)
+  true_support = np.array([3, 7, 11, 16])
+  beta = np.zeros(p, np.float32)
+  beta[true_support] = [4.0, -3.0, 2.0, -1.5]
+  y = (x @ beta + sigma * rng.normal(size=n)).astype(np.float32)
+  loss = lambda params: 0.5 * jnp.mean((x @ params['w'][:, 0] - y) ** 2)
+  tx = dl.dessilbi(0.01, kappa=10.0, mu=1.0, momentum=0.0)   # 2-D leaf: lasso, λ = 1
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), dl.support(state)['w'][:, 0]
+
+  params = {'w': jnp.zeros((p, 1))}
+  run = jax.jit(lambda carry: jax.lax.scan(step, carry, length=3000))
+  (params, state), supports = run((params, tx.init(params)))
+
+  entry = np.asarray(dl.entry_step(state)['w'][:, 0])
+  null = np.setdiff1d(np.arange(p), true_support)
+  assert np.all(entry[true_support] > 0)
+  first_null = np.min(np.where(entry[null] < 0, np.iinfo(np.int32).max, entry[null]))
+  assert np.max(entry[true_support]) < first_null, entry
+  # The support equals the true support for a long stretch of the path.
+  exact = np.all(np.asarray(supports) == np.isin(np.arange(p), true_support), axis=1)
+  assert exact.sum() >= 1000, exact.sum()
+  # The late path fits the data as well as least squares does, and Γ estimates β.
+  residual = np.sqrt(2 * float(loss(params)))
+  least_squares = np.sqrt(np.mean((x @ np.linalg.lstsq(x, y, rcond=None)[0] - y) ** 2))
+  assert residual <= 1.02 * least_squares, (residual, least_squares)
+  np.testing.assert_allclose(dl.gamma(state)['w'][true_support, 0], beta[true_support], atol=0.1)
+
+
+@pytest.mark.parametrize('momentum', [0.0, 0.9])
+def test_converges_to_a_critical_point_of_the_coupled_loss(momentum):
+  """On a strongly convex quadratic L with minimizer c, the iterates reach a critical point of
+  L̄(W, Γ) = L(W) + ‖W − Γ‖²/(2ν): ‖∇_W L̄‖∞ ≤ 1e-4, Γ a fixed point of the step (moves ≤ 1e-5),
+  and there W = Γ = c."""
+  rng = np.random.default_rng(1)
+  shapes = {'conv': (2, 2, 1, 3), 'dense': (4, 3), 'bias': (3,)}
+  target = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  target['conv'][..., 2] = 0.0
+  target['dense'][:, 1] = 0.0
+  size = sum(int(np.prod(s)) for s in shapes.values())
+  m = rng.normal(size=(size, size))
+  hessian = (m @ m.T / size + 0.5 * np.eye(size)).astype(np.float32)   # eigenvalues in [0.5, 4]
+
+  def loss(params):
+    v = jnp.concatenate([(params[k] - target[k]).ravel() for k in sorted(shapes)])
+    return 0.5 * v @ hessian @ v
+
+  mu = 1.0
+  tx = dl.dessilbi(0.05, kappa=2.0, mu=mu, momentum=momentum, groups={'dense': 'neuron'}, lambdas=0.5)
+
+  def step(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  run = jax.jit(lambda carry: jax.lax.scan(step, carry, length=1000))
+  (params, state), _ = run((params, tx.init(params)))
+
+  grads = jax.grad(loss)(params)
+  gam = dl.gamma(state)
+  for k in shapes:
+    coupled = grads[k] if gam[k] is None else grads[k] + (params[k] - gam[k]) / mu
+    assert float(jnp.max(jnp.abs(coupled))) <= 1e-4, k
+    np.testing.assert_allclose(params[k], target[k], atol=1e-4)
+  _, next_state = tx.update(grads, state, params)
+  for k in ('conv', 'dense'):
+    np.testing.assert_allclose(dl.gamma(next_state)[k], gam[k], atol=1e-5)
+    np.testing.assert_allclose(gam[k], target[k], atol=1e-4)
+    assert np.all(np.asarray(dl.support(state)[k])[target[k] != 0]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# The optax battery, on a small tree.
+
+_SMALL_SHAPES = {
+    'Conv_0': {'kernel': (3, 3, 2, 8), 'bias': (8,)},
+    'Dense_0': {'kernel': (32, 10), 'bias': (10,)},
+}
+
+
+def _small_problem(steps=20, grad_scale=0.02, seed=0):
+  return _lenet_problem(seed=seed, steps=steps, grad_scale=grad_scale, shapes=_SMALL_SHAPES)
+
+
+def test_learning_rate_schedule_matches_reference():
+  schedule = optax.linear_schedule(0.3, 0.02, transition_steps=20)
+  hyper = _hyper(alpha=schedule, mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8})
+  params, grads = _small_problem()
+  final_params, state = _library_run(_library_tx(hyper), params, grads)
+  ref = _reference_run(params, grads, **hyper)
+  _assert_some_but_not_all_entered(ref)
+  _assert_matches_reference(final_params, state, ref)
+
+
+def test_inject_hyperparams_follows_changes_of_the_state():
+  """Numbers changed in the injected state at step 10 change the path as the reference does."""
+  params, grads = _small_problem()
+  before = _hyper(alpha=0.1, kappa=1.0, mu=2.0, momentum=0.9, weight_decay=0.005, lambdas=0.4, normalize=True)
+  after = dict(before, alpha=0.2, kappa=2.0, mu=1.0, momentum=0.5, lambdas=0.2)
+  tx = optax.inject_hyperparams(dl.dessilbi)(
+      learning_rate=0.1, kappa=1.0, mu=2.0, momentum=0.9, weight_decay=0.005, lambdas=0.4,
+      normalize_groups=True)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  lib_params = _nest({p: jnp.asarray(w) for p, w in params.items()})
+  state = tx.init(lib_params)
+  kinds = _kinds(params, None)
+  ref = unchanged = _reference_init(params, kinds)
+  for k, g in enumerate(grads):
+    if k == 10:
+      state.hyperparams.update({name: jnp.asarray(value, jnp.float32) for name, value in dict(
+          learning_rate=0.2, kappa=2.0, mu=1.0, momentum=0.5, lambdas=0.2).items()})
+    lib_params, state = step(lib_params, state, _nest(g))
+    ref = _reference_step(ref, g, kinds=kinds, **_step_hyper(after if k >= 10 else before))
+    unchanged = _reference_step(unchanged, g, kinds=kinds, **_step_hyper(before))
+  _assert_some_but_not_all_entered(ref)
+  _assert_matches_reference(lib_params, state.inner_state, ref)
+  # Not vacuous: the change moved the path.
+  assert np.max(np.abs(ref['w']['Conv_0/kernel'] - unchanged['w']['Conv_0/kernel'])) > 0.1
+  assert np.any(ref['entry']['Dense_0/kernel'] != unchanged['entry']['Dense_0/kernel'])
+
+
+def test_chained_with_clip_by_global_norm_matches_reference():
+  params, grads = _small_problem(grad_scale=0.2)
+  hyper = _hyper(mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8})
+  tx = optax.chain(optax.clip_by_global_norm(1.0), _library_tx(hyper))
+  final_params, state = _library_run(tx, params, grads)
+  norms = [np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in g.values())) for g in grads]
+  assert min(norms) > 1.5   # clipping acts on every step
+  clipped = [{p: x / n for p, x in g.items()} for g, n in zip(grads, norms)]
+  ref = _reference_run(params, clipped, **hyper)
+  _assert_some_but_not_all_entered(ref)
+  _assert_matches_reference(final_params, state[1], ref)
+
+
+def _small_params(dtype=jnp.float32):
+  params, grads = _small_problem(steps=3)
+  cast = lambda tree: _nest({p: jnp.asarray(x, dtype) for p, x in tree.items()})
+  return cast(params), [cast(g) for g in grads]
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('state_dtype', [None, jnp.float32])
+def test_dtypes_follow_params_unless_state_dtype_is_given(dtype, state_dtype):
+  params, grads = _small_params(dtype)
+  tx = dl.dessilbi(0.1, mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.4}, state_dtype=state_dtype)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for g in grads:
+    updates, state = step(g, state, params)
+    chex.assert_trees_all_equal_dtypes(updates, params)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_equal_dtypes(params, grads[0])
+  expected = state_dtype or dtype
+  for field in (state.momentum, state.z, state.gamma):
+    assert {x.dtype for x in jax.tree.leaves(field)} == {jnp.dtype(expected)}
+  assert {x.dtype for x in jax.tree.leaves(state.entry_step)} == {jnp.dtype(jnp.int32)}
+  # The low-precision run follows the float32 one.
+  params32, grads32 = _small_params()
+  state32 = tx.init(params32)
+  for g in grads32:
+    updates, state32 = step(g, state32, params32)
+    params32 = optax.apply_updates(params32, updates)
+  assert any(bool(s.any()) for s in jax.tree.leaves(dl.support(state32)))
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), state.gamma), state32.gamma,
+                              atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('make', ['plain', 'injected'])
+def test_state_is_stable_and_the_step_compiles_once(make):
+  if make == 'plain':
+    tx = dl.dessilbi(0.1, mu=2.0, lambdas=0.3)
+  else:
+    tx = optax.inject_hyperparams(dl.dessilbi)(learning_rate=0.1, mu=2.0, lambdas=0.3)
+  params, grads = _small_params()
+
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  initial = state = tx.init(params)
+  for k, g in enumerate(grads):
+    if make == 'injected' and k == 1:
+      state.hyperparams['lambdas'] = jnp.asarray(0.1, jnp.float32)   # a new value, no new trace
+    params, state = step(params, state, g)
+    chex.assert_trees_all_equal_structs(initial, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(initial, state)
+  assert len(traces) == 1 and step._cache_size() == 1
+
+
+def test_buffer_donation_gives_the_same_numbers():
+  params, grads = _small_problem()
+  tx = dl.dessilbi(0.1, mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8}, weight_decay=0.005)
+  plain_params, plain_state = _library_run(tx, params, grads)
+  donated_params, donated_state = _library_run(tx, params, grads, jit_kwargs=dict(donate_argnums=(0, 1)))
+  chex.assert_trees_all_equal((plain_params, plain_state), (donated_params, donated_state))
+
+
+def test_donated_buffers_are_consumed():
+  params, grads = _small_params()
+  tx = dl.dessilbi(0.1)
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  new_params, new_state = step(params, state, grads[0])
+  assert all(x.is_deleted() for x in jax.tree.leaves((params, state)))
+  assert not any(x.is_deleted() for x in jax.tree.leaves((new_params, new_state)))
+
+
+_PMAP_SCRIPT = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import dessilbi_jax as dl
+    assert jax.local_device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    params = {'conv': jnp.asarray(rng.normal(size=(3, 3, 2, 8)), jnp.float32),
+              'dense': jnp.asarray(rng.normal(size=(16, 4)), jnp.float32),
+              'bias': jnp.zeros(4)}
+    tx = dl.dessilbi(0.1, mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8}, weight_decay=0.005)
+
+    def update(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    pmapped = jax.pmap(lambda p, s, g: update(p, s, jax.lax.pmean(g, 'devices')), axis_name='devices')
+    single = jax.jit(update)
+    replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * 4), tree)
+    p_params, p_state = replicate(params), replicate(tx.init(params))
+    s_params, s_state = params, tx.init(params)
+    for _ in range(10):
+      grads = {k: jnp.asarray(rng.normal(size=(4, *v.shape)), jnp.float32) for k, v in params.items()}
+      p_params, p_state = pmapped(p_params, p_state, grads)
+      s_params, s_state = single(s_params, s_state, jax.tree.map(lambda g: g.mean(0), grads))
+    for x in jax.tree.leaves((p_params, p_state)):
+      x = np.asarray(x)
+      assert all(np.array_equal(x[i], x[0]) for i in range(4)), 'replicas differ'
+    entered = int(sum(np.sum(np.asarray(e)[0] > 0) for e in jax.tree.leaves(p_state.entry_step)))
+    assert entered > 0, 'no group entered'
+    for p, s in zip(jax.tree.leaves((p_params, p_state)), jax.tree.leaves((s_params, s_state))):
+      np.testing.assert_allclose(np.asarray(p)[0], s, rtol=1e-5, atol=1e-5)
+    print('replicas identical; groups entered:', entered)
+''')
+
+
+def test_pmap_keeps_replicated_state_identical():
+  """Four host devices (set before jax starts, so in a subprocess), gradients averaged by pmean."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
+  result = subprocess.run([sys.executable, '-c', _PMAP_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'replicas identical' in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a ValueError that names the problem.
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(kappa=0.0), '`kappa` must be > 0'),
+    (dict(kappa=-1.0), '`kappa` must be > 0'),
+    (dict(mu=0.0), '`mu` must be > 0'),
+    (dict(mu=-5.0), '`mu` must be > 0'),
+    (dict(learning_rate=-0.1), '`learning_rate` must be >= 0'),
+    (dict(momentum=1.0), r'`momentum` must be in \[0, 1\)'),
+    (dict(momentum=1.5), r'`momentum` must be in \[0, 1\)'),
+    (dict(momentum=-0.1), '`momentum` must be >= 0'),
+    (dict(weight_decay=-1e-4), '`weight_decay` must be >= 0'),
+    (dict(lambdas={'filters': 1.0}), r"unknown group kind\(s\) \['filters'\]"),
+    (dict(lambdas=-1.0), '`lambdas` must be >= 0'),
+])
+def test_bad_hyperparameters_raise_at_construction(kwargs, match):
+  kwargs = dict(dict(learning_rate=0.1), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    dl.dessilbi(**kwargs)
+
+
+def test_non_float_params_raise_at_init():
+  params = {'kernel': jnp.zeros((3, 3)), 'step': jnp.zeros((2, 2), jnp.int32)}
+  with pytest.raises(ValueError, match="floating-point params; leaf 'step' has dtype int32"):
+    dl.dessilbi(0.1).init(params)
+
+
+def test_update_without_params_raises():
+  params = {'kernel': jnp.zeros((3, 3))}
+  tx = dl.dessilbi(0.1)
+  with pytest.raises(ValueError, match='needs `params`'):
+    tx.update(params, tx.init(params))
