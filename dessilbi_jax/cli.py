@@ -1,0 +1,138 @@
+"""The ``dessilbi`` command: ``dessilbi train`` and ``dessilbi ticket``.
+
+::
+
+  dessilbi train [--model lenet] [--dataset digits] [--optimizer dessilbi] [--epochs 60]
+                 [--batch-size 64] [--lr 0.1] [--kappa 1] [--mu 20] [--lambda 0.3]
+                 [--out DIR] [--resume] [--seed 0] ...
+  dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
+
+Also ``python -m dessilbi_jax``. Every training flag defaults to
+:class:`dessilbi_jax.train.TrainConfig`'s value; with ``--resume`` the run's
+saved configuration is used and only ``--epochs`` (the new total) may change.
+Errors in the input are reported in one line and exit with status 1 before any
+training starts; a non-finite loss stops training with status 1 and leaves the
+last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Optional, Sequence
+
+_TRAIN_FLAGS = {
+    # flag: (TrainConfig field, type, help)
+    '--model': ('model', str, 'model name (dessilbi_jax.models.list_models(); default lenet)'),
+    '--dataset': ('dataset', str, 'dataset name (dessilbi_jax.data.DATASETS; default digits)'),
+    '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured or prox_group_lasso'),
+    '--epochs': ('epochs', int, 'total epochs (default 60); with --resume: the new total'),
+    '--batch-size': ('batch_size', int, 'global batch size, a multiple of the device count (default 64)'),
+    '--lr': ('lr', float, 'learning rate α (default 0.1; 0.001 for adam)'),
+    '--lr-decay-epochs': ('lr_decay_epochs', int, 'epochs after which the lr is multiplied by --lr-decay (default 40)'),
+    '--lr-decay': ('lr_decay', float, 'factor of each lr decay (default 0.1)'),
+    '--momentum': ('momentum', float, 'heavy-ball momentum β (default 0.9)'),
+    '--weight-decay': ('weight_decay', float, 'L2 weight decay ω on kernels (default 0)'),
+    '--kappa': ('kappa', float, 'DessiLBI damping κ (default 1)'),
+    '--mu': ('mu', float, 'DessiLBI coupling ν (default 20)'),
+    '--lambda': ('lambda_', float, 'DessiLBI threshold λ (default 0.3)'),
+    '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
+    '--widths': ('widths', int, 'the model widths, e.g. --widths 6 16 120 84'),
+    '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
+    '--keep-checkpoints': ('keep_checkpoints', int, 'how many epoch checkpoints to keep (default 3)'),
+}
+_LIST_FIELDS = ('lr_decay_epochs', 'widths')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='dessilbi', description='Train with DessiLBI and retrain the sparse structures it finds.')
+  commands = parser.add_subparsers(dest='command', required=True)
+
+  run = commands.add_parser('train', help='train a model, recording the path of Γ',
+                            description='Train a model data-parallel over all local devices.')
+  for flag, (field, kind, text) in _TRAIN_FLAGS.items():
+    run.add_argument(flag, dest=field, type=kind, default=None, help=text,
+                     nargs='*' if field in _LIST_FIELDS else None)
+  run.add_argument('--normalize-groups', dest='normalize_groups', action='store_true', default=None,
+                   help='measure groups by ‖z_g‖/√size so that one λ suits filters and single weights')
+  run.add_argument('--no-augment', dest='augment', action='store_false', default=None,
+                   help='no random augmentation of training batches')
+  run.add_argument('--out', help='output directory (default runs/<model>-<dataset>-<optimizer>-<time>)')
+  run.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
+  run.add_argument('--distributed', action='store_true',
+                   help='call jax.distributed.initialize() first (one process per host)')
+  run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
+
+  ticket = commands.add_parser('ticket', help="retrain the support of Γ at an epoch of a run",
+                               description='Retrain the sparse structure found at an epoch of a run '
+                                           'with SGD-momentum (the weights outside it stay zero).')
+  ticket.add_argument('--run', required=True, help='directory of a `dessilbi train` run')
+  ticket.add_argument('--epoch', required=True, type=int, help='take the support of Γ after this epoch')
+  ticket.add_argument('--init', choices=('rewind', 'reinit'), default='rewind',
+                      help="start from the run's initialization (rewind) or a fresh one (reinit)")
+  ticket.add_argument('--epochs', type=int, default=None, help='epochs of retraining (default: the run\'s)')
+  ticket.add_argument('--lr', type=float, default=None, help="learning rate (default: the run's)")
+  ticket.add_argument('--out', default=None, help='output directory (default RUN/ticket-epoch<E>-<init>)')
+  ticket.add_argument('--resume', action='store_true', help='continue an interrupted retraining')
+  ticket.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  args = build_parser().parse_args(argv)
+  # Imported here so that `dessilbi --help` and argument errors answer at once.
+  from dessilbi_jax import train
+  try:
+    if args.command == 'train':
+      _train(args, train)
+    else:
+      _ticket(args, train)
+  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    print(f'dessilbi {args.command}: error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+def _train(args, train) -> None:
+  given = {field: getattr(args, field) for field, *_ in _TRAIN_FLAGS.values() if getattr(args, field) is not None}
+  for flag in ('augment', 'normalize_groups'):
+    if getattr(args, flag) is not None:
+      given[flag] = getattr(args, flag)
+  for field in _LIST_FIELDS:
+    if field in given:
+      given[field] = tuple(given[field]) or (None if field == 'widths' else ())
+  if args.resume:
+    if args.out is None:
+      raise ValueError('--resume needs --out DIR, the directory of the run to continue.')
+    cfg = dataclasses.replace(train.load_config(args.out), **given)
+  else:
+    if given.get('optimizer') == 'adam' and 'lr' not in given:
+      given['lr'] = 1e-3
+    cfg = train.TrainConfig(**given)
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  out = args.out or f'runs/{cfg.model}-{cfg.dataset}-{cfg.optimizer}-{time.strftime("%Y%m%d-%H%M%S")}'
+  start = time.perf_counter()
+  result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet)
+  if not args.quiet and result.history:
+    last = result.history[-1]
+    sparse = '' if last['sparse_test_acc'] is None else f', sparse {100 * last["sparse_test_acc"]:.1f}%'
+    print(f'Done in {time.perf_counter() - start:.0f} s: test accuracy dense {100 * last["dense_test_acc"]:.1f}%'
+          f'{sparse}. Wrote {out}/ (metrics.jsonl, path.npz, plots/, checkpoints/).')
+
+
+def _ticket(args, train) -> None:
+  report = train.retrain_ticket(args.run, args.epoch, init=args.init, epochs=args.epochs, lr=args.lr,
+                                out_dir=args.out, resume=args.resume, quiet=args.quiet)
+  if not args.quiet:
+    kept = report['params_kept'] / report['params']
+    flops = report['flops'] / report['dense_flops']
+    print(f'Ticket of epoch {report["epoch"]} ({report["init"]}), retrained {report["epochs"]} epochs: '
+          f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
+          f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
+          f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')

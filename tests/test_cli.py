@@ -1,0 +1,119 @@
+"""End-to-end tests of the `dessilbi` command (in-process through cli.main, and one subprocess)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dessilbi_jax import cli
+from dessilbi_jax import models
+from dessilbi_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def run(data_dir, tmp_path_factory):
+  """`dessilbi train` for 2 epochs, then `--resume` up to 3."""
+  out = tmp_path_factory.mktemp('cli') / 'run'
+  assert cli.main(['train', *TINY, '--epochs', '2', '--data-dir', data_dir, '--out', str(out)]) == 0
+  assert cli.main(['train', '--resume', '--out', str(out), '--epochs', '3', '--quiet']) == 0
+  return out
+
+
+def test_train_then_resume(run, capsys):
+  lines = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+  assert [h['epoch'] for h in lines] == [1, 2, 3]
+  assert [h['step'] for h in lines] == [11, 22, 33]
+  assert train.load_config(run).epochs == 3
+  assert (run / 'plots' / 'support.png').is_file()
+
+
+def test_ticket_retrains_the_support_of_an_epoch(run, capsys):
+  assert cli.main(['ticket', '--run', str(run), '--epoch', '2', '--epochs', '1']) == 0
+  out = capsys.readouterr().out
+  assert 'Ticket of epoch 2 (rewind)' in out and 'forward MACs' in out
+  report = json.loads((run / 'ticket-epoch2-rewind' / 'ticket.json').read_text())
+  assert (run / 'ticket-epoch2-rewind' / 'metrics.jsonl').is_file()
+  assert (run / 'ticket-epoch2-rewind' / 'plots' / 'accuracy.png').is_file()
+
+  # Independent counts from the path: kernels outside the support of epoch 2 are pruned.
+  path = train.load_path(run)
+  row = list(path['epoch']).index(2)
+  cfg = train.load_config(run)
+  model, info = train.build_model(cfg)
+  params = train.init_variables(model, info.input_shape, np.asarray([0, 0], np.uint32))['params']
+  pruned = 0
+  for name in ('Conv_0', 'Conv_1', 'Dense_0', 'Dense_1', 'Dense_2'):
+    support = path[f'support/{name}/kernel'][row]
+    pruned += np.size(params[name]['kernel']) - np.count_nonzero(np.broadcast_to(support, params[name]['kernel'].shape))
+  assert report['params'] == models.count_params(params)
+  assert report['params_kept'] == report['params'] - pruned
+  assert report['flops'] <= report['dense_flops'] == models.count_flops(model, info.input_shape)
+  assert 0 <= report['test_acc'] <= 1
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['train', '--model', 'lenet7'], 'Unknown model'),
+    (['train', '--dataset', 'svhn'], 'svhn'),
+    (['train', '--optimizer', 'lbfgs'], 'Unknown optimizer'),
+    (['train', '--resume'], '--resume needs --out'),
+])
+def test_bad_train_inputs(argv, message, capsys, tmp_path):
+  assert cli.main([*argv, '--out', str(tmp_path / 'x')] if '--resume' not in argv else argv) == 1
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / 'x').exists()
+
+
+def test_bad_inputs_against_a_run(run, capsys, tmp_path):
+  before = (run / 'metrics.jsonl').read_text()
+  assert cli.main(['train', *TINY, '--out', str(run)]) == 1
+  assert 'not empty; pass --resume' in capsys.readouterr().err
+  assert (run / 'metrics.jsonl').read_text() == before
+  assert cli.main(['train', '--resume', '--out', str(tmp_path)]) == 1
+  assert 'is not a training run: it has no config.json' in capsys.readouterr().err
+  assert cli.main(['train', '--resume', '--out', str(run), '--lr', '0.3']) == 1
+  assert 'lr: 0.05 -> 0.3' in capsys.readouterr().err
+  assert cli.main(['ticket', '--run', str(run), '--epoch', '7']) == 1
+  assert 'has no epoch 7; it recorded epochs 1..3' in capsys.readouterr().err
+  assert cli.main(['ticket', '--run', str(tmp_path), '--epoch', '1']) == 1
+  assert 'not a training run' in capsys.readouterr().err
+
+
+def test_batch_size_must_split_over_devices(data_dir, capsys, monkeypatch, tmp_path):
+  import jax
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 8)
+  assert cli.main(['train', '--batch-size', '100', '--data-dir', data_dir, '--out', str(tmp_path / 'x')]) == 1
+  assert 'does not split over the 8 devices: use a multiple of 8' in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_a_clear_message(data_dir, capsys, tmp_path):
+  argv = ['train', *TINY[:-2], '--lr', '1e9', '--epochs', '1', '--data-dir', data_dir, '--out', str(tmp_path / 'nan')]
+  assert cli.main(argv) == 1
+  err = capsys.readouterr().err
+  assert 'The training loss is nan at step' in err or 'The training loss is inf at step' in err
+  assert 'Try a lower learning rate (--lr, now 1000000000.0)' in err
+
+
+def test_python_dash_m_reports_errors_with_exit_status_one():
+  result = subprocess.run([sys.executable, '-m', 'dessilbi_jax', 'train', '--model', 'lenet7', '--out', '/nonexistent/x'],
+                          cwd=REPO, env={**os.environ, 'PYTHONPATH': str(REPO)}, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 1
+  assert 'dessilbi train: error: Unknown model' in result.stderr
+
+
+def test_an_unprepared_dataset_fails_before_anything_is_written(data_dir, capsys, tmp_path):
+  assert cli.main(['train', '--dataset', 'mnist', '--data-dir', data_dir, '--out', str(tmp_path / 'x')]) == 1
+  assert "Dataset 'mnist' is not prepared" in capsys.readouterr().err
+  assert not (tmp_path / 'x').exists()

@@ -1,0 +1,239 @@
+"""Tests of dessilbi_jax.train and dessilbi_jax.checkpoint: files, resume, kills, pmap, masks."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dessilbi_jax as dl
+from dessilbi_jax import checkpoint
+from dessilbi_jax import data
+from dessilbi_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A small LeNet on digits: 11 steps of 128 examples per epoch, a second or so once compiled.
+TINY = dict(model='lenet', dataset='digits', widths=(4, 8, 16, 16), batch_size=128, epochs=2, lr=0.05)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='session')
+def tiny(data_dir):
+  return train.TrainConfig(**TINY, data_dir=data_dir)
+
+
+@pytest.fixture(scope='session')
+def run(tiny, tmp_path_factory):
+  """A 2-epoch DessiLBI run: (directory, TrainResult). Tests copy it before changing it."""
+  out = tmp_path_factory.mktemp('run') / 'run'
+  return out, train.fit(tiny, out, quiet=True)
+
+
+def _assert_trees_equal(a, b):
+  equal = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+  assert all(jax.tree.leaves(equal)), equal
+
+
+def _run_script(script: str, env_extra=None, timeout=240):
+  env = {**os.environ, **(env_extra or {}), 'PYTHONPATH': str(REPO)}
+  return subprocess.run([sys.executable, '-c', textwrap.dedent(script)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_fit_writes_metrics_path_plots_and_checkpoints(run, tiny):
+  out, result = run
+  lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [h['epoch'] for h in lines] == [1, 2] and lines == result.history
+  assert [h['step'] for h in lines] == [11, 22]
+  for key in ('train_loss', 'dense_test_acc', 'sparse_test_acc', 'weights_kept', 'groups_kept', 'per_leaf'):
+    assert key in lines[-1]
+  assert lines[-1]['dense_test_acc'] > 0.3  # 10 classes: well above chance after 22 steps
+
+  # The per-leaf table and the totals are those of the final optimizer state.
+  summary = dl.sparsity_summary(result.params, result.opt_state)
+  assert lines[-1]['per_leaf'] == summary
+  structured = [r for r in summary.values() if r['kind']]
+  assert lines[-1]['weights_kept'] == sum(r['weights_kept'] for r in structured) / sum(r['weights'] for r in structured)
+
+  path = train.load_path(out)
+  np.testing.assert_array_equal(path['epoch'], [1, 2])
+  conv = 'Conv_1/kernel'
+  assert str(path[f'kind/{conv}']) == 'filter'
+  assert path[f'support/{conv}'].shape == (2, 1, 1, 1, 8)
+  entry = dl.entry_step(result.opt_state)['Conv_1']['kernel']
+  np.testing.assert_array_equal(path[f'entry_step/{conv}'], entry)
+  # Groups that never entered are outside the support at every epoch; the last row is Γ's support now.
+  assert not path[f'support/{conv}'][:, entry < 0].any()
+  np.testing.assert_array_equal(path[f'support/{conv}'][-1],
+                                np.any(dl.support(result.opt_state)['Conv_1']['kernel'], axis=(0, 1, 2), keepdims=True))
+  assert sorted(p.name for p in (out / 'plots').iterdir()) == ['accuracy.png', 'entry_steps.png', 'support.png']
+  assert checkpoint.saved_epochs(out / 'checkpoints') == [1, 2]
+  assert train.load_config(out) == tiny
+
+
+def test_evaluate_matches_a_plain_numpy_count(run, tiny):
+  _, result = run
+  model, _ = train.build_model(tiny)
+  x, y = data.load_arrays('digits', 'test', data_dir=tiny.data_dir)
+  sparse = dl.sparse_params(result.params, result.opt_state)
+  for params, key in ((result.params, 'dense_test_acc'), (sparse, 'sparse_test_acc')):
+    reference = np.mean(np.argmax(model.apply({'params': params}, x), -1) == y)
+    assert train.evaluate(model, {'params': params}, 'digits', batch_size=100, data_dir=tiny.data_dir) == pytest.approx(reference)
+    assert result.history[-1][key] == pytest.approx(reference)
+
+
+def test_resume_is_bit_identical_to_a_straight_run(run, tiny, tmp_path):
+  _, straight = run
+  out = tmp_path / 'resumed'
+  train.fit(dataclasses.replace(tiny, epochs=1), out, quiet=True)
+  resumed = train.fit(tiny, out, resume=True, quiet=True)
+  _assert_trees_equal(resumed.params, straight.params)
+  _assert_trees_equal(resumed.opt_state, straight.opt_state)
+  _assert_trees_equal(resumed.init_params, straight.init_params)
+  assert [h['epoch'] for h in resumed.history] == [1, 2]
+  np.testing.assert_array_equal(train.load_path(out)['support/Conv_1/kernel'],
+                                train.load_path(run[0])['support/Conv_1/kernel'])
+
+
+def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(run, tiny, tmp_path):
+  out = tmp_path / 'killed'
+  killed = _run_script(f"""
+      import os, signal
+      from dessilbi_jax import checkpoint, train
+      real_save = checkpoint.save
+      def save_then_die(manager, epoch, state, record):
+        real_save(manager, epoch, state, record)  # the write goes on in a background thread ...
+        if epoch == 2:
+          os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies under it
+      checkpoint.save = save_then_die
+      train.fit(train.TrainConfig(**{TINY!r}, data_dir={tiny.data_dir!r}), {str(out)!r}, quiet=True)
+      """)
+  assert killed.returncode == -9, killed.stderr
+  leftovers = [p.name for p in (out / 'checkpoints').iterdir() if 'tmp' in p.name]
+  # Either the epoch-2 write was caught half-way (a temporary directory) or it had finished.
+  assert leftovers or checkpoint.saved_epochs(out / 'checkpoints') == [1, 2]
+  # A stray half-written checkpoint of a later epoch is ignored as well.
+  (out / 'checkpoints' / '3.orbax-checkpoint-tmp-99').mkdir()
+  assert checkpoint.saved_epochs(out / 'checkpoints')[-1] in (1, 2)
+
+  resumed = train.fit(tiny, out, resume=True, quiet=True)
+  _assert_trees_equal(resumed.params, run[1].params)
+  assert [h['epoch'] for h in resumed.history] == [1, 2]
+  assert [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+
+
+def test_a_damaged_checkpoint_gets_a_clear_error(run, tiny, tmp_path):
+  out = tmp_path / 'damaged'
+  shutil.copytree(run[0], out)
+  for file in (out / 'checkpoints' / '2' / 'state').rglob('*'):
+    if file.is_file() and file.parent.name == 'd':
+      file.write_bytes(b'garbage')
+  with pytest.raises(ValueError, match=r'epoch 2 .* unreadable.*Delete .*checkpoints/2 to resume from epoch 1'):
+    train.fit(tiny, out, resume=True, quiet=True)
+  with pytest.raises(ValueError, match='does not match'):
+    checkpoint.restore(out / 'checkpoints', {'w': np.zeros(3)}, epoch=1)
+
+
+def test_no_overwrite_and_nothing_to_resume(run, tiny, tmp_path):
+  before = sorted(p.name for p in run[0].iterdir())
+  with pytest.raises(FileExistsError, match='not empty; pass --resume'):
+    train.fit(tiny, run[0], quiet=True)
+  assert sorted(p.name for p in run[0].iterdir()) == before
+  with pytest.raises(FileNotFoundError, match='Nothing to resume'):
+    train.fit(tiny, tmp_path / 'empty', resume=True, quiet=True)
+  with pytest.raises(ValueError, match=r"changed: lr: 0.05 -> 0.5"):
+    train.fit(dataclasses.replace(tiny, lr=0.5), run[0], resume=True, quiet=True)
+
+
+def _nan_after(step):
+  """SGD whose updates become NaN from update ``step + 1`` on."""
+  sgd = optax.sgd(0.1)
+
+  def init(params):
+    return (sgd.init(params), jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    inner, count = state
+    updates, inner = sgd.update(updates, inner, params)
+    updates = jax.tree.map(lambda u: jnp.where(count >= step, jnp.nan, u), updates)
+    return updates, (inner, count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path):
+  out = tmp_path / 'nan'
+  with pytest.raises(FloatingPointError, match=r'at step 17 \(epoch 2\).*epoch 1 .*lower learning rate'):
+    train.fit(tiny, out, tx=_nan_after(15), quiet=True)
+  assert checkpoint.saved_epochs(out / 'checkpoints') == [1]
+  assert [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()] == [1]
+
+
+def test_masked_weights_stay_exactly_zero(run, tiny):
+  _, result = run
+  masks = train.ticket_masks(run[0], 1, result.params)
+  kernel = masks['Dense_0']['kernel']
+  assert masks['Dense_0']['bias'] is None and kernel.shape == result.params['Dense_0']['kernel'].shape
+  # Make sure both kinds of entries exist whatever the path found.
+  masks['Dense_0']['kernel'] = np.arange(kernel.size).reshape(kernel.shape) % 3 == 0
+  masks['Conv_0']['kernel'] = np.broadcast_to(np.arange(4) % 2 == 0, (5, 5, 1, 4))
+  ticket = train.fit(dataclasses.replace(tiny, optimizer='sgd'), masks=masks, quiet=True)
+  for leaf in ('Dense_0', 'Conv_0'):
+    w, m = np.asarray(ticket.params[leaf]['kernel']), np.broadcast_to(masks[leaf]['kernel'], ticket.params[leaf]['kernel'].shape)
+    assert np.all(w[~m] == 0)
+    assert np.count_nonzero(w[m]) == m.sum()
+  assert ticket.history[-1]['weights_kept'] < 1
+
+
+def test_make_optimizer_names(tiny):
+  for name in train.OPTIMIZERS:
+    tx = train.make_optimizer(dataclasses.replace(tiny, optimizer=name), steps_per_epoch=11)
+    assert isinstance(tx, optax.GradientTransformation)
+  with pytest.raises(ValueError, match='Unknown optimizer'):
+    train.make_optimizer(dataclasses.replace(tiny, optimizer='lbfgs'), 11)
+  schedule = train.learning_rate_schedule(dataclasses.replace(tiny, lr_decay_epochs=(2,)), 11)
+  assert float(schedule(21)) == pytest.approx(0.05) and float(schedule(22)) == pytest.approx(0.005)
+
+
+def test_bad_inputs_fail_before_training(tiny, monkeypatch):
+  with pytest.raises(ValueError, match='Unknown model'):
+    train.check_config(dataclasses.replace(tiny, model='lenet7'))
+  with pytest.raises(ValueError, match='dataset'):
+    train.check_config(dataclasses.replace(tiny, dataset='svhn'))
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 8)
+  with pytest.raises(ValueError, match='does not split over the 8 devices'):
+    train.check_config(dataclasses.replace(tiny, batch_size=100))
+
+
+def test_eight_devices_give_the_params_of_one(tiny, tmp_path):
+  """The same global batches on 8 virtual CPU devices (pmean of gradients, synced batch norm) and on 1."""
+  cfg = dataclasses.replace(tiny, model='resnet20', widths=(4, 4, 8), epochs=1, batch_size=64)
+  saved = tmp_path / 'eight.npz'
+  result = _run_script(f"""
+      import jax, numpy as np
+      from dessilbi_jax import grouping, train
+      assert jax.local_device_count() == 8
+      result = train.fit(train.TrainConfig(**{dataclasses.asdict(cfg)!r}), quiet=True)
+      flat = jax.tree_util.tree_flatten_with_path((result.params, result.batch_stats))[0]
+      np.savez({str(saved)!r}, **{{grouping.path_str(p): x for p, x in flat}})
+      """, env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  one = train.fit(cfg, quiet=True)
+  eight = np.load(saved)
+  flat = jax.tree_util.tree_flatten_with_path((one.params, one.batch_stats))[0]
+  assert len(flat) == len(eight.files) and any('mean' in name for name in eight.files)
+  for keypath, w in flat:
+    np.testing.assert_allclose(eight[dl.grouping.path_str(keypath)], w, rtol=1e-4, atol=1e-5)
