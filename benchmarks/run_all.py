@@ -1,0 +1,39 @@
+"""Regenerates every table and plot in ``benchmarks/results/``.
+
+Run::
+
+  python -m benchmarks.run_all            # full: about 10 minutes on 2 CPU cores
+  python -m benchmarks.run_all --quick    # under 10 minutes on 2 CPU cores
+
+``benchmarks/update_speed.py`` (the optimizer step alone) runs too when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+import time
+
+from benchmarks import sparsity_vs_accuracy
+from benchmarks import train_throughput
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='the short version of every benchmark')
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  if importlib.util.find_spec('benchmarks.update_speed') is not None:
+    from benchmarks import update_speed
+    update_speed.main(['--repeats', '10'] if args.quick else [])
+  train_throughput.main(['--quick'] if args.quick else [])
+  with tempfile.TemporaryDirectory(prefix='dessilbi-jax-cache-') as cache:
+    sparsity_vs_accuracy.use_compilation_cache(cache)
+    print(sparsity_vs_accuracy.run(quick=args.quick))
+  print(f'run_all{" --quick" if args.quick else ""}: {(time.perf_counter() - start) / 60:.1f} minutes; '
+        f'results in {sparsity_vs_accuracy.RESULTS}')
+
+
+if __name__ == '__main__':
+  main()
