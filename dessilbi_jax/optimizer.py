@@ -70,18 +70,20 @@ def _is_zero(x) -> bool:
 
 
 def _after(x, token):
-  """``x``, made to depend on the array ``token`` without changing its value.
+  """``x``, made to depend on the scalar ``token`` without changing its value.
 
   XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
   written by their own fusion, in place into the donated buffers. ``W_k`` and
   ``Γ_k`` are read by two of them, and unless a data edge orders every reader
   before the writer of a buffer, XLA copies that buffer on every step (two
-  extra passes over memory per buffer). The edges, exactly zero:
-  ``min(|Σ token|, 0)``; XLA does not fold them (NaN semantics). ``w + step``
-  is the expression ``optax.apply_updates`` computes, so XLA's CSE makes it
-  the very value written to ``W``.
+  extra passes over memory each). The tokens are reductions of the written
+  buffers (XLA never recomputes a reduction's input inside its consumer, so the
+  edge holds), and the edge is ``min(|token|, 0)``: exactly zero, also when the
+  token overflows, and not folded away by XLA (NaN semantics). ``w + step`` is
+  what ``optax.apply_updates`` computes, so XLA's CSE makes it the very value
+  written to ``W``.
   """
-  edge = jnp.minimum(jnp.abs(jnp.sum(token, dtype=jnp.float32)), 0)
+  edge = jnp.minimum(jnp.abs(token), 0)
   return x + edge.astype(jnp.result_type(x))
 
 
@@ -210,8 +212,10 @@ def dessilbi(
       coupling = (w - gam) / mu
       z = z + alpha * coupling
       norms = prox.group_norms(z, kind, normalize_groups)
-      step = _after(-alpha * kappa * (d + coupling), norms)
-      lam = _after(lambda_of[kind], w + step)
+      # Ordering edges (see `_after`): W is written after Z' is, Γ after W.
+      z_written = jnp.sum(z, dtype=jnp.float32) if kind == 'lasso' else norms.reshape(-1)[0]
+      step = _after(-alpha * kappa * (d + coupling), z_written)
+      lam = _after(lambda_of[kind], jnp.sum(w + step, dtype=jnp.float32))
       shrunk, in_support = prox.group_prox(z, kind, lam, normalize_groups, norms)
       entry = jnp.where((entry < 0) & in_support, new_count, entry)
       return step, b, z, (kappa * shrunk).astype(dtype), entry
