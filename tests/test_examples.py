@@ -1,0 +1,42 @@
+"""The examples run: the quickstart's loop end to end (briefly), the others' configurations."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from dessilbi_jax import models
+from dessilbi_jax import train
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / 'examples'
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quickstart_trains_and_reports(capsys, tmp_path, monkeypatch):
+  monkeypatch.setenv('DESSILBI_DATA_DIR', str(tmp_path))
+  _load('quickstart').main(epochs=2)
+  out = capsys.readouterr().out
+  for line in ('dense test accuracy', 'sparse test accuracy', "filters in Γ's support", 'weights kept'):
+    assert line in out
+  dense = float(out.split('dense test accuracy  (W)')[1].split()[0])
+  assert dense > 0.5   # two epochs of a convnet on digits are far above chance (0.1)
+
+
+def test_paper_settings_are_valid_configs():
+  settings = _load('paper_settings').SETTINGS
+  assert {'lenet-mnist', 'vgg16-cifar10', 'resnet56-cifar10', 'resnet18-imagenet', 'resnet50-imagenet'} <= set(settings)
+  for cfg in settings.values():
+    assert isinstance(cfg, train.TrainConfig)
+    assert cfg.model in (*models.list_models(), 'lenet')
+    assert train.TrainConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize('name', ['ticket_digits'])
+def test_example_imports(name):
+  assert callable(_load(name).main)
