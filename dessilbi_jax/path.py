@@ -95,8 +95,12 @@ def _leaf_table(params, opt_state):
   rows = []
   for (path, w), g, e in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                              treedef.flatten_up_to(gam), treedef.flatten_up_to(entry)):
-    rows.append((grouping.path_str(path), np.asarray(w),
-                 None if g is None else np.asarray(g), None if e is None else np.asarray(e)))
+    w, g = np.asarray(w), None if g is None else np.asarray(g)
+    if g is not None and g.shape != w.shape:
+      raise ValueError(
+          f'Leaf {grouping.path_str(path)!r} has shape {w.shape} but its Γ has shape {g.shape}. Pass the params '
+          'and optimizer state of one replica (under pmap: flax.jax_utils.unreplicate of both).')
+    rows.append((grouping.path_str(path), w, g, None if e is None else np.asarray(e)))
   return rows
 
 

@@ -237,3 +237,11 @@ def test_helpers_reject_bad_input():
   twice = optax.chain(dl.dessilbi(0.1), dl.dessilbi(0.1)).init(params)
   with pytest.raises(ValueError, match='updated by 2 DessiLBI transformations'):
     dl.support(twice)
+
+
+def test_replicated_state_gets_a_clear_error():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4))}}
+  state = dl.dessilbi(0.1).init(params)
+  replicated = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+  with pytest.raises(ValueError, match='one replica'):
+    dl.sparsity_summary(params, replicated)
