@@ -2,14 +2,19 @@
 
 ::
 
-  dessilbi train [--model lenet] [--dataset digits] [--optimizer dessilbi] [--epochs 60]
-                 [--batch-size 64] [--lr 0.1] [--kappa 1] [--mu 20] [--lambda 0.3]
+  dessilbi train [--dataset digits] [--model lenet] [--optimizer dessilbi] [--epochs 60]
+                 [--batch-size 64] [--lr 0.1] [--kappa 1] [--mu 20] [--lambda 0.2]
                  [--out DIR] [--resume] [--seed 0] ...
+  dessilbi train --dataset mnist1d          # the 1-D convnet with mnist1d's preset
   dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
 
-Also ``python -m dessilbi_jax``. Every training flag defaults to
-:class:`dessilbi_jax.train.TrainConfig`'s value; with ``--resume`` the run's
-saved configuration is used and only ``--epochs`` (the new total) may change.
+Also ``python -m dessilbi_jax``. Every training flag defaults to the value of
+the dataset's preset (:func:`dessilbi_jax.train.preset`; the defaults shown
+are digits'), so ``--dataset`` picks the model and the hyperparameters and any
+other flag overrides one of them. ``--lambda`` takes one number or
+``kind=λ`` pairs (``--lambda filter=1 lasso=0.03``). With ``--resume`` the
+run's saved configuration is used and only ``--epochs`` (the new total) may
+change.
 Errors in the input are reported in one line and exit with status 1 before any
 training starts; a non-finite loss stops training with status 1 and leaves the
 last good checkpoint in place.
@@ -25,25 +30,30 @@ from typing import Optional, Sequence
 
 _TRAIN_FLAGS = {
     # flag: (TrainConfig field, type, help)
-    '--model': ('model', str, 'model name (dessilbi_jax.models.list_models(); default lenet)'),
-    '--dataset': ('dataset', str, 'dataset name (dessilbi_jax.data.DATASETS; default digits)'),
+    '--dataset': ('dataset', str, "dataset name (dessilbi_jax.data.DATASETS; default digits); picks the "
+                  "preset that every other flag defaults to (train.PRESETS)"),
+    '--model': ('model', str, 'model name (dessilbi_jax.models.list_models(); digits: lenet, mnist1d: conv1d)'),
     '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured or prox_group_lasso'),
-    '--epochs': ('epochs', int, 'total epochs (default 60); with --resume: the new total'),
+    '--epochs': ('epochs', int, 'total epochs (digits 60, mnist1d 30); with --resume: the new total'),
     '--batch-size': ('batch_size', int, 'global batch size, a multiple of the device count (default 64)'),
     '--lr': ('lr', float, 'learning rate α (default 0.1; 0.001 for adam)'),
-    '--lr-decay-epochs': ('lr_decay_epochs', int, 'epochs after which the lr is multiplied by --lr-decay (default 40)'),
+    '--lr-decay-epochs': ('lr_decay_epochs', int,
+                          'epochs after which the lr is multiplied by --lr-decay (digits 40, mnist1d 20)'),
     '--lr-decay': ('lr_decay', float, 'factor of each lr decay (default 0.1)'),
     '--momentum': ('momentum', float, 'heavy-ball momentum β (default 0.9)'),
     '--weight-decay': ('weight_decay', float, 'L2 weight decay ω on kernels (default 0)'),
     '--kappa': ('kappa', float, 'DessiLBI damping κ (default 1)'),
     '--mu': ('mu', float, 'DessiLBI coupling ν (default 20)'),
-    '--lambda': ('lambda_', float, 'DessiLBI threshold λ (default 0.3)'),
+    '--lambda': ('lambda_', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
+                                 'lasso=0.03 (digits 0.2, mnist1d 0.1)'),
+    '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
+    '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖ (default 0.001)'),
     '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
     '--widths': ('widths', int, 'the model widths, e.g. --widths 6 16 120 84'),
     '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
     '--keep-checkpoints': ('keep_checkpoints', int, 'how many epoch checkpoints to keep (default 3)'),
 }
-_LIST_FIELDS = ('lr_decay_epochs', 'widths')
+_LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambda_')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
     run.add_argument(flag, dest=field, type=kind, default=None, help=text,
                      nargs='*' if field in _LIST_FIELDS else None)
-  run.add_argument('--normalize-groups', dest='normalize_groups', action='store_true', default=None,
-                   help='measure groups by ‖z_g‖/√size so that one λ suits filters and single weights')
+  run.add_argument('--normalize-groups', dest='normalize_groups', action=argparse.BooleanOptionalAction,
+                   default=None, help='measure groups by ‖z_g‖/√size so that one λ suits filters and single '
+                                      'weights (default: on)')
   run.add_argument('--no-augment', dest='augment', action='store_false', default=None,
                    help='no random augmentation of training batches')
   run.add_argument('--out', help='output directory (default runs/<model>-<dataset>-<optimizer>-<time>)')
@@ -102,17 +113,17 @@ def _train(args, train) -> None:
   for flag in ('augment', 'normalize_groups'):
     if getattr(args, flag) is not None:
       given[flag] = getattr(args, flag)
-  for field in _LIST_FIELDS:
+  for field in ('lr_decay_epochs', 'widths'):
     if field in given:
       given[field] = tuple(given[field]) or (None if field == 'widths' else ())
+  if 'lambda_' in given:
+    given['lambda_'] = _lambdas(given['lambda_'])
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the run to continue.')
     cfg = dataclasses.replace(train.load_config(args.out), **given)
   else:
-    if given.get('optimizer') == 'adam' and 'lr' not in given:
-      given['lr'] = 1e-3
-    cfg = train.TrainConfig(**given)
+    cfg = train.preset(given.pop('dataset', 'digits'), **given)
   if args.distributed:
     import jax
     jax.distributed.initialize()
@@ -124,6 +135,20 @@ def _train(args, train) -> None:
     sparse = '' if last['sparse_test_acc'] is None else f', sparse {100 * last["sparse_test_acc"]:.1f}%'
     print(f'Done in {time.perf_counter() - start:.0f} s: test accuracy dense {100 * last["dense_test_acc"]:.1f}%'
           f'{sparse}. Wrote {out}/ (metrics.jsonl, path.npz, plots/, checkpoints/).')
+
+
+def _lambdas(words: Sequence[str]):
+  """``['0.3']`` -> 0.3; ``['filter=1', 'lasso=0.03']`` -> ``(('filter', 1.0), ('lasso', 0.03))``."""
+  try:
+    if len(words) == 1 and '=' not in words[0]:
+      return float(words[0])
+    pairs = [word.split('=') for word in words]
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+      raise ValueError
+    return tuple((kind, float(lam)) for kind, lam in pairs)
+  except ValueError:
+    raise ValueError(f'--lambda takes one number or kind=λ pairs (e.g. --lambda filter=1 lasso=0.03), '
+                     f'got {" ".join(words)!r}.') from None
 
 
 def _ticket(args, train) -> None:

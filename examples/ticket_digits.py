@@ -28,7 +28,7 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
   out = pathlib.Path(args.out)
-  cfg = train.TrainConfig(seed=args.seed)
+  cfg = train.preset('digits', seed=args.seed)
 
   print('1. DessiLBI: the path of Γ')
   run = train.fit(cfg, out / 'dessilbi', quiet=True)

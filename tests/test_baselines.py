@@ -186,3 +186,19 @@ def test_make_baseline_by_name():
   assert np.sum(dense == 0) > 0
   with pytest.raises(ValueError, match='Unknown baseline'):
     baselines.make_baseline('lottery', 0.1, total_steps=10)
+
+
+def test_make_optimizer_passes_sparsity_and_penalty():
+  from dessilbi_jax import train
+  params = _params()
+  cfg = train.TrainConfig(optimizer='gmp_structured', sparsity=0.25, epochs=2, momentum=0.0)
+  history, state = _run(train.make_optimizer(cfg, steps_per_epoch=10), params, 20)
+  filters = np.any(np.asarray(history[-1]['Conv_0']['kernel']) != 0, axis=(0, 1, 2))
+  assert filters.sum() == 6  # round(0.25 · 8) of 8 filters pruned
+  assert np.mean(np.asarray(history[-1]['Dense_0']['kernel']) != 0) == 45 / 60
+
+  cfg = train.TrainConfig(optimizer='prox_group_lasso', penalty=0.7, lr=0.5, lr_decay_epochs=(), momentum=0.0)
+  got, _ = _run(train.make_optimizer(cfg, steps_per_epoch=10), params, 3)
+  expected, _ = _run(baselines.prox_group_lasso(0.5, 0.7, momentum=0.0), params, 3)
+  for a, b in zip(jax.tree.leaves(got[-1]), jax.tree.leaves(expected[-1])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -117,3 +117,25 @@ def test_an_unprepared_dataset_fails_before_anything_is_written(data_dir, capsys
   assert cli.main(['train', '--dataset', 'mnist', '--data-dir', data_dir, '--out', str(tmp_path / 'x')]) == 1
   assert "Dataset 'mnist' is not prepared" in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
+
+
+def test_dataset_picks_its_preset_and_flags_override_it(data_dir, tmp_path):
+  out = tmp_path / 'mnist1d'
+  argv = ['train', '--dataset', 'mnist1d', '--widths', '4', '4', '4', '--batch-size', '500', '--epochs', '1',
+          '--lambda', 'filter=2', 'lasso=0.01', '--no-normalize-groups', '--quiet', '--data-dir', data_dir,
+          '--out', str(out)]
+  assert cli.main(argv) == 0
+  cfg = train.load_config(out)
+  assert cfg == train.preset('mnist1d', widths=(4, 4, 4), batch_size=500, epochs=1,
+                             lambda_=(('filter', 2.0), ('lasso', 0.01)), normalize_groups=False, data_dir=data_dir)
+  assert cfg.model == 'conv1d' and cfg.mu == train.PRESETS['mnist1d'].mu
+  # The saved per-kind λ is read back for --resume.
+  assert cli.main(['train', '--resume', '--out', str(out), '--epochs', '2', '--quiet']) == 0
+  assert [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+
+
+def test_a_bad_lambda_is_a_clear_error(capsys, tmp_path):
+  assert cli.main(['train', '--lambda', 'filter:1', '--out', str(tmp_path / 'x')]) == 1
+  err = capsys.readouterr().err
+  assert "--lambda takes one number or kind=λ pairs (e.g. --lambda filter=1 lasso=0.03), got 'filter:1'" in err
+  assert not (tmp_path / 'x').exists()

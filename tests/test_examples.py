@@ -35,6 +35,7 @@ def test_paper_settings_are_valid_configs():
     assert isinstance(cfg, train.TrainConfig)
     assert cfg.model in (*models.list_models(), 'lenet')
     assert train.TrainConfig.from_json(cfg.to_json()) == cfg
+    assert not cfg.normalize_groups   # the paper measures groups by their plain norm, λ = 1
 
 
 @pytest.mark.parametrize('name', ['ticket_digits'])

@@ -237,3 +237,43 @@ def test_eight_devices_give_the_params_of_one(tiny, tmp_path):
   assert len(flat) == len(eight.files) and any('mean' in name for name in eight.files)
   for keypath, w in flat:
     np.testing.assert_allclose(eight[dl.grouping.path_str(keypath)], w, rtol=1e-4, atol=1e-5)
+
+
+def test_presets_pick_model_and_hyperparameters_and_overrides_win():
+  assert train.preset() == train.PRESETS['digits'] == train.TrainConfig()
+  mnist1d = train.preset('mnist1d')
+  assert (mnist1d.model, mnist1d.dataset) == ('conv1d', 'mnist1d') and mnist1d == train.PRESETS['mnist1d']
+  cfg = train.preset('mnist1d', epochs=3, lambda_=0.5, seed=2)
+  assert (cfg.model, cfg.epochs, cfg.lambda_, cfg.seed) == ('conv1d', 3, 0.5, 2)
+  assert cfg.mu == mnist1d.mu and cfg.lr_decay_epochs == mnist1d.lr_decay_epochs
+  assert train.preset('mnist1d', optimizer='adam').lr == 1e-3
+  assert train.preset('mnist1d', optimizer='adam', lr=0.01).lr == 0.01
+  # No preset: the defaults with the model that fits the input (images: LeNet-5, signals: conv1d).
+  assert train.preset('cifar10') == train.TrainConfig(dataset='cifar10')
+  with pytest.raises(ValueError, match=r"Unknown TrainConfig field\(s\) \['lamda'\]"):
+    train.preset('digits', lamda=0.1)
+  with pytest.raises(ValueError, match='svhn'):
+    train.preset('svhn')
+
+
+def test_config_json_round_trips_per_kind_lambdas(tiny, tmp_path):
+  cfg = dataclasses.replace(tiny, lambda_=(('filter', 2.0), ('lasso', 0.01)), sparsity=0.5, penalty=0.01)
+  assert train.TrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+  with pytest.raises(ValueError, match=r"unknown group kind\(s\) \['filtre'\]"):
+    train.check_config(dataclasses.replace(tiny, lambda_=(('filtre', 1.0),)))
+
+  # make_optimizer builds DessiLBI with λ per kind: the same steps as dl.dessilbi with the mapping.
+  model, info = train.build_model(cfg)
+  params = train.init_variables(model, info.input_shape, jax.random.PRNGKey(0))['params']
+  grads = jax.tree.map(lambda w: jnp.full_like(w, 0.5), params)
+  reference = dl.dessilbi(train.learning_rate_schedule(cfg, 11), mu=cfg.mu, lambdas={'filter': 2.0, 'lasso': 0.01},
+                          normalize_groups=cfg.normalize_groups)
+  states = []
+  for tx in (train.make_optimizer(cfg, 11), reference):
+    state, p = tx.init(params), params
+    for _ in range(40):
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    states.append(state)
+  _assert_trees_equal(dl.gamma(states[0]), dl.gamma(states[1]))
+  assert any(np.any(s) for s in jax.tree.leaves(dl.support(states[0])))
