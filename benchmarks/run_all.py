@@ -17,10 +17,12 @@ import importlib.util
 import tempfile
 import time
 
+from benchmarks import input_pipeline
+from benchmarks import main_job
 from benchmarks import sparsity_vs_accuracy
 from benchmarks import train_throughput
 
-BENCHMARKS = ('update_speed', 'train_throughput', 'sparsity_vs_accuracy')
+BENCHMARKS = ('update_speed', 'train_throughput', 'input_pipeline', 'main_job', 'sparsity_vs_accuracy')
 
 
 def main(argv=None):
@@ -35,6 +37,10 @@ def main(argv=None):
     update_speed.main(['--repeats', '10'] if args.quick else [])
   if 'train_throughput' not in args.skip:
     train_throughput.main(['--quick'] if args.quick else [])
+  if 'input_pipeline' not in args.skip:
+    input_pipeline.main(['--batches', '500'] if args.quick else [])
+  if 'main_job' not in args.skip:
+    main_job.main([])
   if 'sparsity_vs_accuracy' not in args.skip:
     with tempfile.TemporaryDirectory(prefix='dessilbi-jax-cache-') as cache:
       sparsity_vs_accuracy.use_compilation_cache(cache)
