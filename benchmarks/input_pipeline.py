@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import time
 
-import numpy as np
 
 from dessilbi_jax import data
-from benchmarks.train_throughput import machine
-
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
-
+from benchmarks.common import machine
+from benchmarks.common import write_result
 
 def per_batch_us(batches, n: int) -> float:
   next(batches)   # first batch: loading, not overhead
@@ -54,9 +50,7 @@ def main(argv=None):
           '|---|---:|---:|---:|---:|\n' + '\n'.join(rows) + '\n')
   print(text)
   if not args.no_write:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, 'input_pipeline.md'), 'w') as f:
-      f.write('# Input pipeline: time per training batch\n\nRegenerate: `python -m benchmarks.input_pipeline`.\n\n' + text)
+    write_result('input_pipeline', 'Input pipeline: time per training batch', text)
 
 
 if __name__ == '__main__':

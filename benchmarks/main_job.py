@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.train_throughput import machine
-
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
-
+from benchmarks.common import machine
+from benchmarks.common import write_result
 
 def run(dataset: str, out: pathlib.Path) -> str:
   start = time.perf_counter()
@@ -45,9 +42,7 @@ def main(argv=None):
           '|---|---:|---:|---:|---:|---:|\n' + '\n'.join(rows) + '\n')
   print(text)
   if not args.no_write:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, 'main_job.md'), 'w') as f:
-      f.write('# The main job\n\nRegenerate: `python -m benchmarks.main_job`.\n\n' + text)
+    write_result('main_job', 'The main job', text)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import tempfile
 import time
@@ -42,7 +41,7 @@ from dessilbi_jax import baselines
 from dessilbi_jax import data
 from dessilbi_jax import train
 
-RESULTS = pathlib.Path(__file__).parent / 'results'
+from benchmarks.common import RESULTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +309,7 @@ def describe(cfg: train.TrainConfig) -> str:
 
 def markdown(settings: list[Setting], rows_by_dataset: dict[str, list[dict]], minutes: float, quick: bool) -> str:
   """The results file: how it was run, the verdicts of the bar, the tables of every dataset."""
-  from benchmarks.train_throughput import machine
+  from benchmarks.common import machine
   body, verdicts = [], []
   for setting in settings:
     lines, verdict = report(setting, rows_by_dataset[setting.dataset])

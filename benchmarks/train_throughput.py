@@ -21,8 +21,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
@@ -32,8 +30,8 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import models
-
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
+from benchmarks.common import machine
+from benchmarks.common import write_result
 
 # (label, model, input shape of one example)
 CASES = (
@@ -105,20 +103,6 @@ def measure(case, batch_size: int, steps: int, rounds: int) -> dict[str, float]:
   return {name: batch_size * steps / statistics.median(times) for name, (_, _, times) in runs.items()}
 
 
-def machine() -> str:
-  """CPU model, core count and JAX backend, in one line."""
-  cpu = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  devices = jax.devices()
-  return (f'{cpu}, {cores} cores; JAX {jax.__version__} backend `{jax.default_backend()}` '
-          f'({len(devices)} x {devices[0].device_kind})')
-
-
 def table(results: dict[str, dict[str, float]], batch_size: int) -> str:
   names = list(next(iter(results.values())))
   header = ['case (batch %d)' % batch_size] + [f'{n} img/s' for n in names] + \
@@ -140,21 +124,16 @@ def run(quick: bool = False, batch_size: int = 128) -> str:
     results[case[0]] = measure(case, batch_size, steps, rounds)
     print(f'{case[0]}: ' + ', '.join(f'{n} {v:,.0f} img/s' for n, v in results[case[0]].items()), flush=True)
   text = '\n'.join([
-      '# Training throughput',
-      '',
       f'Machine: {machine()}.',
       '',
       f'Images per second of one jitted training step (forward, backward, optimizer update) on '
       f'synthetic batches of {batch_size}; median of {rounds} interleaved rounds of {steps} steps; '
-      f'ratios from the same run. Regenerate with `python -m benchmarks.train_throughput'
-      f'{" --quick" if quick else ""}`.',
+      f'ratios from the same run{" (--quick)" if quick else ""}.',
       '',
       table(results, batch_size),
       '',
   ])
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, 'train_throughput.md'), 'w') as f:
-    f.write(text)
+  write_result('train_throughput', 'Training throughput', text)
   return text
 
 

@@ -20,7 +20,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -33,10 +32,8 @@ from unittest import mock
 import dessilbi_jax as dl
 from dessilbi_jax import models
 from dessilbi_jax import optimizer
-from benchmarks.train_throughput import machine
-
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
-
+from benchmarks.common import machine
+from benchmarks.common import write_result
 
 def param_tree(model_name: str):
   """Random params (and gradients) with the shapes of ``model_name`` on CIFAR-10."""
@@ -134,9 +131,7 @@ def main(argv=None):
           f'of one call each; times are medians, ratios the median of the per-round ratios.\n\nMachine: {machine()}.\n\n{table(rows)}\n')
   print(text)
   if not (args.no_write or args.compare_without_edges):
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, 'update_speed.md'), 'w') as f:
-      f.write('# Update speed: DessiLBI vs SGD-momentum\n\nRegenerate: `python -m benchmarks.update_speed`.\n\n' + text)
+    write_result('update_speed', 'Update speed: DessiLBI vs SGD-momentum', text)
 
 
 if __name__ == '__main__':
