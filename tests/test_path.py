@@ -245,3 +245,21 @@ def test_replicated_state_gets_a_clear_error():
   replicated = jax.tree.map(lambda x: jnp.stack([x, x]), state)
   with pytest.raises(ValueError, match='one replica'):
     dl.sparsity_summary(params, replicated)
+
+
+def test_apply_if_finite_skips_nan_gradients_and_keeps_the_path():
+  """The documented guard against NaN gradients: optax.apply_if_finite around dl.dessilbi."""
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4))}}
+  tx = optax.apply_if_finite(dl.dessilbi(0.5, mu=1.0, lambdas=0.01), max_consecutive_errors=3)
+  state = tx.init(params)
+  good = {'conv': {'kernel': jnp.full((3, 3, 1, 4), 0.1)}}
+  updates, state = tx.update(good, state, params)
+  params = optax.apply_updates(params, updates)
+  gamma_before = dl.gamma(state)['conv']['kernel']
+  assert bool(jnp.all(gamma_before != 0))                      # the step did move Γ
+  bad = {'conv': {'kernel': jnp.full((3, 3, 1, 4), jnp.nan)}}
+  updates, state = tx.update(bad, state, params)
+  assert jnp.all(updates['conv']['kernel'] == 0)               # the step is skipped ...
+  assert jnp.array_equal(dl.gamma(state)['conv']['kernel'], gamma_before)   # ... and Γ is untouched
+  assert int(state.notfinite_count) == 1
+  assert bool(jnp.all(jnp.isfinite(dl.z(state)['conv']['kernel'])))
