@@ -20,6 +20,7 @@ from dessilbi_jax.optimizer import dessilbi
 from dessilbi_jax.path import entry_step
 from dessilbi_jax.path import find_states
 from dessilbi_jax.path import gamma
+from dessilbi_jax.path import nonzero_summary
 from dessilbi_jax.path import prune_by_order
 from dessilbi_jax.path import sparse_params
 from dessilbi_jax.path import sparsity_summary
@@ -35,6 +36,7 @@ __all__ = (
     'find_states',
     'gamma',
     'grouping',
+    'nonzero_summary',
     'prox',
     'prune_by_order',
     'sparse_params',

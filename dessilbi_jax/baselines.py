@@ -241,7 +241,8 @@ def magnitude_masks(params, kinds, sparsity, scope: str = 'layer'):
   """
   flat, treedef = jax.tree_util.tree_flatten(params)
   flat_kinds = treedef.flatten_up_to(kinds)
-  scores = [None if k is None else _group_scores(w, k, normalize=scope == 'global') for w, k in zip(flat, flat_kinds)]
+  scores = [None if k is None else prox.group_norms(jnp.asarray(w, jnp.float32), k, normalize=scope == 'global')
+            for w, k in zip(flat, flat_kinds)]
   if scope == 'layer':
     flat_sparsity = treedef.flatten_up_to(sparsity)
     keeps = [None if s is None else _keep_top(s.reshape(-1), f) for s, f in zip(scores, flat_sparsity)]
@@ -397,16 +398,6 @@ def pruning_steps(total_steps: int) -> dict[str, int]:
     raise ValueError(f'`total_steps` must be >= 1, got {total_steps}.')
   begin_step, end_step = int(0.1 * total_steps), int(0.6 * total_steps)
   return dict(begin_step=begin_step, end_step=end_step, frequency=max(1, (end_step - begin_step) // 20))
-
-
-def _group_scores(w, kind, normalize):
-  """Per-group magnitude, keepdims shape: ‖w_g‖₂ (÷ √|g| when normalize)."""
-  w = jnp.abs(w.astype(jnp.float32))
-  if kind == 'lasso':
-    return w
-  axes = grouping.reduce_axes(kind, w.ndim)
-  norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
-  return norm / np.sqrt(grouping.group_size(kind, w.shape)) if normalize else norm
 
 
 def _keep_top(scores, sparsity):

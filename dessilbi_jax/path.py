@@ -110,23 +110,38 @@ def _groups_nonzero(g: np.ndarray, per_group_shape) -> np.ndarray:
   return np.any(g != 0, axis=axes, keepdims=True) if axes else g != 0
 
 
+def _summary_row(kind, w: np.ndarray, kept: Optional[np.ndarray], per_group_shape) -> dict:
+  """One row of the summaries: a group is kept while any entry of ``kept`` in it is non-zero."""
+  if kind is None:
+    return dict(kind=None, groups=0, groups_in_support=0, weights=int(w.size), weights_kept=int(w.size))
+  return dict(kind=kind, groups=int(np.prod(per_group_shape)),
+              groups_in_support=int(_groups_nonzero(kept, per_group_shape).sum()),
+              weights=int(w.size), weights_kept=int(np.count_nonzero(kept)))
+
+
 def sparsity_summary(params, opt_state) -> dict[str, dict]:
   """Per leaf path: ``kind``, ``groups``, ``groups_in_support``, ``weights``, ``weights_kept``.
 
   Leaves without structure have ``kind`` ``None``, no groups and every weight kept.
   """
+  return {path: _summary_row(None if g is None else grouping.kind_of(w.shape, e.shape), w, g,
+                             None if e is None else e.shape)
+          for path, w, g, e in _leaf_table(params, opt_state)}
+
+
+def nonzero_summary(params, groups: grouping.GroupsRule = None) -> dict[str, dict]:
+  """:func:`sparsity_summary`'s table where the zeros of W are the structure.
+
+  For a pruned network (a retrained ticket, gradual magnitude pruning, the
+  group lasso): a group counts as kept while any of its weights is non-zero.
+  ``groups`` is the grouping rule (default: the reference rule).
+  """
+  kinds = jax.tree.structure(params).flatten_up_to(grouping.resolve_kinds(params, groups))
   summary = {}
-  for path, w, g, e in _leaf_table(params, opt_state):
-    if g is None:
-      summary[path] = dict(kind=None, groups=0, groups_in_support=0, weights=int(w.size), weights_kept=int(w.size))
-      continue
-    summary[path] = dict(
-        kind=grouping.kind_of(w.shape, e.shape),
-        groups=int(e.size),
-        groups_in_support=int(_groups_nonzero(g, e.shape).sum()),
-        weights=int(w.size),
-        weights_kept=int(np.count_nonzero(g)),
-    )
+  for (keypath, w), kind in zip(jax.tree_util.tree_flatten_with_path(params)[0], kinds):
+    w = np.asarray(w)
+    per_group_shape = None if kind is None else grouping.group_shape(kind, w.shape)
+    summary[grouping.path_str(keypath)] = _summary_row(kind, w, w, per_group_shape)
   return summary
 
 

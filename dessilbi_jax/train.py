@@ -613,7 +613,7 @@ def _epoch_metrics(model, cfg, state: TrainState, has_gamma: bool, masks) -> dic
     per_leaf = dl.sparsity_summary(state.params, state.opt_state)
   else:
     row['sparse_test_acc'] = None
-    per_leaf = _nonzero_summary(state.params)
+    per_leaf = dl.nonzero_summary(state.params)
   structured = [r for r in per_leaf.values() if r['kind'] is not None]
   row['weights_kept'] = _fraction(sum(r['weights_kept'] for r in structured), sum(r['weights'] for r in structured))
   row['groups_kept'] = _fraction(sum(r['groups_in_support'] for r in structured), sum(r['groups'] for r in structured))
@@ -623,24 +623,6 @@ def _epoch_metrics(model, cfg, state: TrainState, has_gamma: bool, masks) -> dic
 
 _sparse_params = jax.jit(dl.sparse_params)
 _jit = functools.lru_cache(maxsize=16)(jax.jit)  # one compilation per optimizer, not per fit
-
-
-def _nonzero_summary(params) -> dict[str, dict]:
-  """:func:`dessilbi_jax.sparsity_summary`'s table for the non-zero weights (no Γ)."""
-  kinds = grouping.resolve_kinds(params)
-  summary = {}
-  for (keypath, w), kind in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                jax.tree.structure(params).flatten_up_to(kinds)):
-    w = np.asarray(w)
-    if kind is None:
-      summary[grouping.path_str(keypath)] = dict(kind=None, groups=0, groups_in_support=0,
-                                                 weights=int(w.size), weights_kept=int(w.size))
-      continue
-    groups = np.any(w != 0, axis=grouping.reduce_axes(kind, w.ndim), keepdims=True)
-    summary[grouping.path_str(keypath)] = dict(kind=kind, groups=int(groups.size),
-                                               groups_in_support=int(groups.sum()),
-                                               weights=int(w.size), weights_kept=int(np.count_nonzero(w)))
-  return summary
 
 
 class _Path:

@@ -263,3 +263,17 @@ def test_apply_if_finite_skips_nan_gradients_and_keeps_the_path():
   assert jnp.array_equal(dl.gamma(state)['conv']['kernel'], gamma_before)   # ... and Γ is untouched
   assert int(state.notfinite_count) == 1
   assert bool(jnp.all(jnp.isfinite(dl.z(state)['conv']['kernel'])))
+
+
+def test_nonzero_summary_counts_the_zeros_of_w():
+  kernel = np.ones((3, 3, 2, 4), np.float32)
+  kernel[..., 1] = 0          # filter 1 removed
+  kernel[0, 0, 0, 2] = 0      # one weight of filter 2: the filter stays
+  dense = np.array([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]], np.float32)
+  params = {'conv': {'kernel': kernel, 'bias': np.zeros(4, np.float32)}, 'dense': {'kernel': dense}}
+  summary = dl.nonzero_summary(params)
+  assert summary['conv/kernel'] == dict(kind='filter', groups=4, groups_in_support=3, weights=72, weights_kept=53)
+  assert summary['dense/kernel'] == dict(kind='lasso', groups=6, groups_in_support=3, weights=6, weights_kept=3)
+  assert summary['conv/bias'] == dict(kind=None, groups=0, groups_in_support=0, weights=4, weights_kept=4)
+  by_neuron = dl.nonzero_summary(params, {'dense/kernel': 'neuron'})['dense/kernel']
+  assert (by_neuron['groups'], by_neuron['groups_in_support']) == (3, 2)
