@@ -111,12 +111,19 @@ def test_resume_is_bit_identical_to_a_straight_run(run, tiny, tmp_path):
 def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(run, tiny, tmp_path):
   out = tmp_path / 'killed'
   killed = _run_script(f"""
-      import os, signal
+      import os, pathlib, signal, time
       from dessilbi_jax import checkpoint, train
       real_save = checkpoint.save
+      checkpoints = pathlib.Path({str(out / 'checkpoints')!r})
       def save_then_die(manager, epoch, state, record):
         real_save(manager, epoch, state, record)  # the write goes on in a background thread ...
         if epoch == 2:
+          # ... wait until it is visibly under way (its temporary directory) or done, so the kill
+          # cannot land before the write has touched the disk ...
+          deadline = time.monotonic() + 30
+          while time.monotonic() < deadline and not any(
+              p.name.startswith('2') for p in checkpoints.iterdir()):
+            time.sleep(0.0005)
           os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies under it
       checkpoint.save = save_then_die
       train.fit(train.TrainConfig(**{TINY!r}, data_dir={tiny.data_dir!r}), {str(out)!r}, quiet=True)
