@@ -34,7 +34,7 @@ def main(argv=None):
   start = time.perf_counter()
   if 'update_speed' not in args.skip and importlib.util.find_spec('benchmarks.update_speed') is not None:
     from benchmarks import update_speed
-    update_speed.main(['--repeats', '10'] if args.quick else [])
+    update_speed.main(['--repeats', '10', '--runs', '1'] if args.quick else [])
   if 'train_throughput' not in args.skip:
     train_throughput.main(['--quick'] if args.quick else [])
   if 'input_pipeline' not in args.skip:

@@ -38,6 +38,10 @@ class DessiLBIState(NamedTuple):
     momentum: the heavy-ball buffer ``b``, one per leaf.
     z: the dual variable ``Z`` (``None`` on leaves without structure).
     gamma: the structure variable ``Γ = κ·prox_λ(Z)`` (``None`` likewise).
+    gamma_scale: per group, the factor ``s_g = κ·max(0, 1 − λ/‖Z_g‖)`` with
+      ``Γ_g = s_g·Z_g``, in the keepdims per-group shape; ``None`` on ``lasso``
+      leaves (one group per weight) and on leaves without structure. The ``Z``
+      update rebuilds ``Γ_k`` from it instead of reading ``Γ`` (see ``dessilbi``).
     entry_step: per group, the ``count`` after which ``Γ_g`` first became
       non-zero, ``-1`` while it never has; shaped to broadcast against the leaf
       (a conv kernel ``(H, W, I, O)`` under ``filter`` has ``(1, 1, 1, O)``).
@@ -46,6 +50,7 @@ class DessiLBIState(NamedTuple):
   momentum: optax.Updates
   z: optax.Updates
   gamma: optax.Updates
+  gamma_scale: optax.Updates
   entry_step: optax.Updates
 
 
@@ -72,19 +77,35 @@ def _is_zero(x) -> bool:
 def _after(x, token):
   """``x``, made to depend on the scalar ``token`` without changing its value.
 
-  XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
-  written by their own fusion, in place into the donated buffers. ``W_k`` and
-  ``Γ_k`` are read by two of them, and unless a data edge orders every reader
-  before the writer of a buffer, XLA copies that buffer on every step (two
-  extra passes over memory each). The tokens are reductions of the written
-  buffers (XLA never recomputes a reduction's input inside its consumer, so the
-  edge holds), and the edge is ``min(|token|, 0)``: exactly zero, also when the
-  token overflows, and not folded away by XLA (NaN semantics). ``w + step`` is
-  what ``optax.apply_updates`` computes, so XLA's CSE makes it the very value
-  written to ``W``.
+  The edge is ``min(|token|, 0)``: exactly zero, also when the token
+  overflows, and not folded away by XLA (NaN semantics). See :func:`_written`.
   """
   edge = jnp.minimum(jnp.abs(token), 0)
   return x + edge.astype(jnp.result_type(x))
+
+
+def _written(x):
+  """A token that exists only once the buffer holding ``x`` has been written.
+
+  XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
+  written by their own fusion, in place into the donated buffers. Unless a data
+  edge orders every reader of a buffer before its writer, XLA copies the buffer
+  on every step (two extra passes over memory). The token is a reduction of a
+  few entries of ``x``: XLA gives a reduction its own fusion that reads the
+  written buffer (it does not recompute a shared producer inside it), so the
+  edge costs a few loads, not a pass. For ``W`` pass ``w + step``: that is
+  what ``optax.apply_updates`` computes, so XLA's CSE makes it the very value
+  written to ``W``.
+  """
+  return jnp.sum(x.reshape(-1)[:16], dtype=jnp.float32)
+
+
+# Structured leaves of at least this many weights are updated one after the
+# other: their buffers (about 1 MiB and more in float32) do not all fit in the
+# CPU's caches at once, and in sequence the momentum and Z a leaf's first
+# fusions write are still cached when its next fusions read them. Smaller
+# leaves fit together and gain more from being updated side by side.
+_SEQUENTIAL_MIN_SIZE = 2 ** 18
 
 
 def _lambda_per_kind(lambdas) -> dict[str, Any]:
@@ -191,6 +212,8 @@ def dessilbi(
         momentum=jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), dtype_of(w)), params),
         z=per_leaf(lambda w, k: jnp.zeros(jnp.shape(w), dtype_of(w))),
         gamma=per_leaf(lambda w, k: jnp.zeros(jnp.shape(w), dtype_of(w))),
+        gamma_scale=per_leaf(lambda w, k: None if k == 'lasso'
+                             else jnp.zeros(grouping.group_shape(k, jnp.shape(w)), dtype_of(w))),
         entry_step=per_leaf(lambda w, k: jnp.full(grouping.group_shape(k, jnp.shape(w)), -1, jnp.int32)),
     )
 
@@ -201,31 +224,42 @@ def dessilbi(
     alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
     new_count = optax.safe_increment(state.count)
 
-    def leaf_update(g, b, w, z, gam, entry, kind):
+    def leaf_update(g, b, w, z, gam, scale, entry, kind, previous):
+      """One leaf's step; ``previous`` orders large leaves (``_SEQUENTIAL_MIN_SIZE``)."""
       dtype = b.dtype
       g, w = g.astype(dtype), w.astype(dtype)
+      sequential = kind is not None and w.size >= _SEQUENTIAL_MIN_SIZE
+      if sequential and previous is not None:   # start once the previous large leaf wrote Γ
+        g, z = _after(g, previous), _after(z, previous)
       grad = g + weight_decay * w if (w.ndim >= 2 and not _is_zero(weight_decay)) else g
       b = momentum * b + grad
       d = grad + momentum * b if nesterov else b
       if kind is None:
-        return -alpha * kappa * d, b, None, None, None
-      coupling = (w - gam) / mu
-      z = z + alpha * coupling
+        return (-alpha * kappa * d, b, None, None, None, None), previous
+      # Γ_k = s_k·Z_k: the Z update rebuilds it, so that only the W update reads
+      # the stored Γ_k. Else W's writer would wait for Z's reader of W, and Γ's
+      # writer for both readers of Γ (lasso leaves, with no per-group s, do read Γ).
+      gam_k = gam if scale is None else z * scale
+      z = z + alpha * ((w - gam_k) / mu)
       norms = prox.group_norms(z, kind, normalize_groups)
-      # Ordering edges (see `_after`): W is written after Z' is, Γ after W.
-      z_written = jnp.sum(z, dtype=jnp.float32) if kind == 'lasso' else norms.reshape(-1)[0]
-      step = _after(-alpha * kappa * (d + coupling), z_written)
-      lam = _after(lambda_of[kind], jnp.sum(w + step, dtype=jnp.float32))
-      shrunk, in_support = prox.group_prox(z, kind, lam, normalize_groups, norms)
-      entry = jnp.where((entry < 0) & in_support, new_count, entry)
-      return step, b, z, (kappa * shrunk).astype(dtype), entry
+      # Ordering edges (see `_written`): W is written after Z, Γ after W.
+      z_written = _written(z) if kind == 'lasso' else norms.reshape(-1)[0]
+      step = _after(-alpha * kappa * (d + (w - gam) / mu), z_written)
+      lam = _after(lambda_of[kind], _written(w + step))
+      gam, scale = prox.shrink_groups(z, kind, norms, lam, kappa)
+      entry = jnp.where((entry < 0) & (norms > lam), new_count, entry)
+      results = step, b, z, gam, (None if kind == 'lasso' else scale), entry
+      return results, (_written(gam) if sequential else previous)
 
     treedef = jax.tree.structure(params)
     flat = [treedef.flatten_up_to(t) for t in
-            (updates, state.momentum, params, state.z, state.gamma, state.entry_step, kinds)]
-    results = [leaf_update(*args) for args in zip(*flat)]
-    step, b, z, gam, entry = (treedef.unflatten(list(r)) for r in zip(*results))
+            (updates, state.momentum, params, state.z, state.gamma, state.gamma_scale, state.entry_step, kinds)]
+    results, previous = [], None
+    for args in zip(*flat):
+      leaf_results, previous = leaf_update(*args, previous)
+      results.append(leaf_results)
+    step, b, z, gam, scale, entry = (treedef.unflatten(list(r)) for r in zip(*results))
     step = jax.tree.map(lambda s, w: s.astype(jnp.result_type(w)), step, params)
-    return step, DessiLBIState(count=new_count, momentum=b, z=z, gamma=gam, entry_step=entry)
+    return step, DessiLBIState(count=new_count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -41,12 +41,20 @@ def group_norm(z_g: jax.Array, normalize: bool = False) -> jax.Array:
   return norm
 
 
-def shrink_group(z_g: jax.Array, norm, lam) -> jax.Array:
-  """``z_g · max(0, 1 − λ/‖z_g‖)`` given the group's (possibly normalized) norm."""
+def shrink_factor(norm, lam):
+  """``max(0, 1 − λ/‖z_g‖)``, the factor the proximal map scales a group by."""
   in_support = norm > lam
   # The inner `where` keeps λ/0 out when the norm is 0 (λ = 0 would give 0/0).
-  scale = jnp.where(in_support, 1 - lam / jnp.where(in_support, norm, 1), 0)
-  return z_g * scale.astype(z_g.dtype)
+  return jnp.where(in_support, 1 - lam / jnp.where(in_support, norm, 1), 0)
+
+
+def shrink_group(z_g: jax.Array, norm, lam, kappa=1.0):
+  """``κ·prox_λ(z)_g = s_g·z_g`` with ``s_g = κ·max(0, 1 − λ/‖z_g‖)``; returns both.
+
+  ``norm`` is the group's (possibly normalized) norm.
+  """
+  scale = (kappa * shrink_factor(norm, lam)).astype(z_g.dtype)
+  return z_g * scale, scale
 
 
 def group_norms(z: jax.Array, kind: str, normalize: bool = False) -> jax.Array:
@@ -57,6 +65,19 @@ def group_norms(z: jax.Array, kind: str, normalize: bool = False) -> jax.Array:
   return norms.reshape(grouping.group_shape(kind, z.shape))
 
 
+def shrink_groups(z: jax.Array, kind: str, norms: jax.Array, lam, kappa=1.0):
+  """:func:`shrink_group` ``jax.vmap``-ed over the groups of ``z``.
+
+  Returns ``(κ·prox_λ(z), s)``, ``s`` in the keepdims per-group shape of ``norms``.
+  """
+  if kind == 'lasso':
+    return shrink_group(z, norms, lam, kappa)   # every entry its own group: elementwise
+  axis = grouping.group_axis(kind, z.ndim)
+  shrunk, scale = jax.vmap(shrink_group, in_axes=(axis, 0, None, None), out_axes=(axis, 0))(
+      z, norms.reshape(-1), lam, kappa)
+  return shrunk, scale.reshape(norms.shape)
+
+
 def group_prox(z: jax.Array, kind: str, lam, normalize: bool = False, norms=None):
   """``prox_λ`` of a whole leaf grouped by ``kind``.
 
@@ -65,10 +86,5 @@ def group_prox(z: jax.Array, kind: str, lam, normalize: bool = False, norms=None
   """
   if norms is None:
     norms = group_norms(z, kind, normalize)
-  if kind == 'lasso':
-    shrunk = shrink_group(z, norms, lam)   # every entry its own group: elementwise
-  else:
-    axis = grouping.group_axis(kind, z.ndim)
-    shrunk = jax.vmap(shrink_group, in_axes=(axis, 0, None), out_axes=axis)(
-        z, norms.reshape(-1), lam)
+  shrunk, _ = shrink_groups(z, kind, norms, lam)
   return shrunk, norms > lam

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
+from dessilbi_jax import optimizer
 
 # ----------------------------------------------------------------------------------------------
 # The reference: ALGORITHM.md in plain NumPy (float64, explicit loops over the groups).
@@ -204,8 +205,8 @@ def _reference_run(params, grads, **hyper):
 
 def _assert_matches_reference(params, state, ref, rtol=2e-5, atol=2e-5):
   assert int(state.count) == ref['count']
-  flat_params, b, z, gam, entry = (_flat(t) for t in (
-      params, state.momentum, state.z, state.gamma, state.entry_step))
+  flat_params, b, z, gam, scale, entry = (_flat(t) for t in (
+      params, state.momentum, state.z, state.gamma, state.gamma_scale, state.entry_step))
   for path, w in ref['w'].items():
     np.testing.assert_allclose(flat_params[path], w, rtol=rtol, atol=atol, err_msg=f'W {path}')
     np.testing.assert_allclose(b[path], ref['b'][path], rtol=rtol, atol=atol, err_msg=f'b {path}')
@@ -216,6 +217,11 @@ def _assert_matches_reference(params, state, ref, rtol=2e-5, atol=2e-5):
     np.testing.assert_allclose(gam[path], ref['gamma'][path], rtol=rtol, atol=atol, err_msg=f'Γ {path}')
     assert entry[path].dtype == jnp.int32 and entry[path].shape == ref['entry'][path].shape, path
     np.testing.assert_array_equal(entry[path], ref['entry'][path], err_msg=f'entry step {path}')
+    if entry[path].shape == z[path].shape:   # lasso: every weight its own group, Γ is read as stored
+      assert scale[path] is None, path
+    else:   # Γ_g = s_g·Z_g to the bit: the Z update rebuilds Γ_k from the per-group scale
+      assert scale[path].shape == entry[path].shape, path
+      np.testing.assert_array_equal(np.asarray(z[path]) * np.asarray(scale[path]), gam[path], err_msg=f's {path}')
 
 
 def _assert_some_but_not_all_entered(ref):
@@ -263,6 +269,17 @@ def test_matches_reference(case):
   ref = _reference_run(params, grads, **hyper)
   _assert_some_but_not_all_entered(ref)
   _assert_matches_reference(final_params, state, ref)
+
+
+def test_large_leaves_in_sequence_give_the_same_numbers(monkeypatch):
+  """The edges that update large leaves one after another add exact zeros (compared at size 1)."""
+  hyper = _hyper(**REFERENCE_CASES['every_kind'])
+  params, grads = _lenet_problem(steps=20)
+  side_by_side = _library_run(_library_tx(hyper), params, grads)
+  monkeypatch.setattr(optimizer, '_SEQUENTIAL_MIN_SIZE', 1)
+  in_sequence = _library_run(_library_tx(hyper), params, grads)
+  for a, b in zip(jax.tree.leaves(side_by_side), jax.tree.leaves(in_sequence)):
+    np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------
