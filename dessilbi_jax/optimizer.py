@@ -227,6 +227,7 @@ def dessilbi(
     def leaf_update(g, b, w, z, gam, scale, entry, kind, previous):
       """One leaf's step; ``previous`` orders large leaves (``_SEQUENTIAL_MIN_SIZE``)."""
       dtype = b.dtype
+      w_param, param_dtype = w, jnp.result_type(w)
       g, w = g.astype(dtype), w.astype(dtype)
       sequential = kind is not None and w.size >= _SEQUENTIAL_MIN_SIZE
       if sequential and previous is not None:   # start once the previous large leaf wrote Γ
@@ -235,7 +236,7 @@ def dessilbi(
       b = momentum * b + grad
       d = grad + momentum * b if nesterov else b
       if kind is None:
-        return (-alpha * kappa * d, b, None, None, None, None), previous
+        return ((-alpha * kappa * d).astype(param_dtype), b, None, None, None, None), previous
       # Γ_k = s_k·Z_k: the Z update rebuilds it, so that only the W update reads
       # the stored Γ_k. Else W's writer would wait for Z's reader of W, and Γ's
       # writer for both readers of Γ (lasso leaves, with no per-group s, do read Γ).
@@ -245,7 +246,8 @@ def dessilbi(
       # Ordering edges (see `_written`): W is written after Z, Γ after W.
       z_written = _written(z) if kind == 'lasso' else norms.reshape(-1)[0]
       step = _after(-alpha * kappa * (d + (w - gam) / mu), z_written)
-      lam = _after(lambda_of[kind], _written(w + step))
+      step = step.astype(param_dtype)   # what optax.apply_updates adds to the params
+      lam = _after(lambda_of[kind], _written(w_param + step))
       gam, scale = prox.shrink_groups(z, kind, norms, lam, kappa)
       entry = jnp.where((entry < 0) & (norms > lam), new_count, entry)
       results = step, b, z, gam, (None if kind == 'lasso' else scale), entry
@@ -259,7 +261,6 @@ def dessilbi(
       leaf_results, previous = leaf_update(*args, previous)
       results.append(leaf_results)
     step, b, z, gam, scale, entry = (treedef.unflatten(list(r)) for r in zip(*results))
-    step = jax.tree.map(lambda s, w: s.astype(jnp.result_type(w)), step, params)
     return step, DessiLBIState(count=new_count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -92,6 +92,15 @@ def test_passes_over_memory_against_sgd(monkeypatch):
   assert _full_passes(heads, '64,4,16') == 13
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_params_with_float32_state_take_13_passes_without_copies(dtype):
+  """The W token is taken on what optax.apply_updates writes (the step cast to the params' dtype)."""
+  params = jax.tree.map(lambda x: x.astype(dtype), _params())
+  hlo = _compiled_step(dl.dessilbi(0.1, state_dtype=jnp.float32), params)
+  assert hlo[hlo.index('ENTRY'):].count(' copy(') == 0
+  assert _full_passes(hlo, '3,3,16,32') == 13
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_ordering_edge_adds_an_exact_zero(dtype):
   """`_after(x, token)` is bit-identical to x, also for huge or infinite tokens."""
