@@ -15,6 +15,8 @@ little, so the main table is measured without it).
 The whole measurement (fresh buffers, compile, interleaved rounds) is done
 ``--runs`` times per shape; the table shows the run with the median ratio and
 the range over all runs, since the machine's memory traffic moves the ratio.
+Each run then also times each optimizer alone (``--repeats`` calls in a row),
+the other way to take the ratio; its median and range over the runs are shown.
 
 Run::
 
@@ -59,10 +61,11 @@ class Runner:
       return optax.apply_updates(params, updates), state
 
     self.step = jax.jit(step, donate_argnums=(0, 1))
-    self.grads = grads
+    self.grads = jax.tree.map(jnp.copy, grads)   # its own copy: no runner reads what another left in cache
     self.carry = (jax.tree.map(jnp.copy, params), tx.init(params))
     hlo = self.step.lower(*self.carry, grads).compile().as_text()
     self.copies = hlo[hlo.index('ENTRY'):].count(' copy(')
+    self.fusions = hlo[hlo.index('ENTRY'):].count(' fusion(')   # kernels launched per step
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.carry[1]))
     self.state_bytes_per_param = state_bytes / sum(x.size for x in jax.tree.leaves(params))
     for _ in range(3):
@@ -103,31 +106,46 @@ def measure(model_name: str, repeats: int, compare_without_edges: bool = False) 
       dessilbi_state_bytes=runners['dessilbi'].state_bytes_per_param,
       sgd_state_bytes=runners['sgd'].state_bytes_per_param,
       dessilbi_copies=runners['dessilbi'].copies,
+      dessilbi_fusions=runners['dessilbi'].fusions,
+      sgd_fusions=runners['sgd'].fusions,
   )
   if compare_without_edges:
     row.update(no_edges_ratio=paired('no_edges'), no_edges_copies=runners['no_edges'].copies)
+  # Then each optimizer alone, `repeats` calls in a row: the machine in another state (the memory
+  # traffic of the other optimizer's buffers gone), which moves the ratio.
+  alone = {}
+  for name in ('dessilbi', 'sgd'):
+    runners[name].times = []
+    for _ in range(repeats):
+      runners[name].timed()
+    alone[name] = statistics.median(runners[name].times)
+  row.update(ratio_alone=alone['dessilbi'] / alone['sgd'])
   return row
 
 
 def measure_runs(model_name: str, repeats: int, runs: int, compare_without_edges: bool = False) -> dict:
   """``measure`` ``runs`` times: the run with the median ratio, plus the ratios' range."""
   rows = sorted((measure(model_name, repeats, compare_without_edges) for _ in range(runs)), key=lambda r: r['ratio'])
+  alone = sorted(r['ratio_alone'] for r in rows)
   return dict(rows[(len(rows) - 1) // 2], ratio_min=rows[0]['ratio'], ratio_max=rows[-1]['ratio'],
-              sgd_ms_min=min(r['sgd_ms'] for r in rows), sgd_ms_max=max(r['sgd_ms'] for r in rows), runs=runs)
+              sgd_ms_min=min(r['sgd_ms'] for r in rows), sgd_ms_max=max(r['sgd_ms'] for r in rows), runs=runs,
+              alone_min=alone[0], alone_median=alone[(len(alone) - 1) // 2], alone_max=alone[-1])
 
 
 def table(rows: list[dict]) -> str:
   compare = 'no_edges_ratio' in rows[0]
   header = ('| parameter shapes | params | DessiLBI update | SGD-momentum update | ratio | ratio over runs (SGD step) '
-            '| state bytes / param (DessiLBI, SGD) | copies in DessiLBI HLO |')
+            '| each timed alone: ratio over runs | state bytes / param (DessiLBI, SGD) | copies in DessiLBI HLO '
+            '| fusions (DessiLBI, SGD) |')
   lines = [header + (' without ordering edges: ratio (copies) |' if compare else ''),
-           '|---|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if compare else '')]
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if compare else '')]
   for r in rows:
     spread = (f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} in {r['runs']} runs "
               f"({r['sgd_ms_min']:.1f}–{r['sgd_ms_max']:.1f} ms)")
+    alone = f"{r['alone_median']:.2f} ({r['alone_min']:.2f}–{r['alone_max']:.2f})"
     line = (f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['dessilbi_ms']:.2f} ms | {r['sgd_ms']:.2f} ms | "
-            f"**{r['ratio']:.2f}** | {spread} | {r['dessilbi_state_bytes']:.1f}, {r['sgd_state_bytes']:.1f} | "
-            f"{r['dessilbi_copies']} |")
+            f"**{r['ratio']:.2f}** | {spread} | {alone} | {r['dessilbi_state_bytes']:.1f}, {r['sgd_state_bytes']:.1f} | "
+            f"{r['dessilbi_copies']} | {r['dessilbi_fusions']}, {r['sgd_fusions']} |")
     lines.append(line + (f" {r['no_edges_ratio']:.2f} ({r['no_edges_copies']}) |" if compare else ''))
   return '\n'.join(lines)
 
@@ -144,7 +162,9 @@ def main(argv=None):
   rows = [measure_runs(name, args.repeats, args.runs, args.compare_without_edges) for name in args.models]
   text = (f'Jitted update + optax.apply_updates, params and state donated; {args.repeats} interleaved rounds '
           f'of one call each; times are medians, ratios the median of the per-round ratios; the run with the '
-          f'median ratio of {args.runs} is shown, with the range over all of them.\n\nMachine: {machine()}.\n\n{table(rows)}\n')
+          f'median ratio of {args.runs} is shown, with the range over all of them. "Each timed alone": '
+          f'{args.repeats} calls of one optimizer in a row, then of the other, in every run.'
+          f'\n\nMachine: {machine()}.\n\n{table(rows)}\n')
   print(text)
   if not (args.no_write or args.compare_without_edges):
     write_result('update_speed', 'Update speed: DessiLBI vs SGD-momentum', text)

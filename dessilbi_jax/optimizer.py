@@ -90,14 +90,16 @@ def _written(x):
   XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
   written by their own fusion, in place into the donated buffers. Unless a data
   edge orders every reader of a buffer before its writer, XLA copies the buffer
-  on every step (two extra passes over memory). The token is a reduction of a
-  few entries of ``x``: XLA gives a reduction its own fusion that reads the
-  written buffer (it does not recompute a shared producer inside it), so the
-  edge costs a few loads, not a pass. For ``W`` pass ``w + step``: that is
-  what ``optax.apply_updates`` computes, so XLA's CSE makes it the very value
-  written to ``W``.
+  on every step (two extra passes over memory). The token is the sum of the
+  first row of ``x`` (``x[0, ..., 0, :]``): XLA gives a reduction its own fusion
+  that reads the written buffer (it does not recompute a shared producer inside
+  it), so the edge costs a row of loads, not a pass; and under ``jax.jit`` with
+  sharded params it is one scalar all-reduce whatever axis is sharded (a slice
+  of the flattened array would all-gather it). For ``W`` pass ``w + step``:
+  that is what ``optax.apply_updates`` computes, so XLA's CSE makes it the very
+  value written to ``W``.
   """
-  return jnp.sum(x.reshape(-1)[:16], dtype=jnp.float32)
+  return jnp.sum(x[(0,) * (x.ndim - 1)], dtype=jnp.float32)
 
 
 # Structured leaves of at least this many weights are updated one after the

@@ -561,6 +561,57 @@ def test_pmap_keeps_replicated_state_identical():
   assert 'replicas identical' in result.stdout
 
 
+_SHARDED_SCRIPT = textwrap.dedent('''
+    import re
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import dessilbi_jax as dl
+    from dessilbi_jax import optimizer
+    optimizer._SEQUENTIAL_MIN_SIZE = 1   # the edges between leaves too
+    mesh = Mesh(jax.devices(), ('d',))
+    rng = np.random.default_rng(0)
+    params = {'conv': jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32),     # sharded over filters
+              'dense': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),         # sharded over inputs
+              'bias': jnp.zeros(8)}
+    specs = {'conv': P(None, None, None, 'd'), 'dense': P('d', None), 'bias': P()}
+    tx = dl.dessilbi(0.1, mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8})
+
+    def shard(tree):   # every leaf of a param's shape gets that param's sharding
+      by_shape = {params[k].shape: NamedSharding(mesh, specs[k]) for k in params}
+      return jax.tree.map(lambda x: jax.device_put(jnp.copy(x), by_shape.get(x.shape, NamedSharding(mesh, P()))), tree)
+
+    def update(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    sharded = jax.jit(update, donate_argnums=(0, 1))
+    s_params, s_state = shard(params), shard(tx.init(params))
+    grads = [{k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()} for _ in range(10)]
+    hlo = sharded.lower(s_params, s_state, shard(grads[0])).compile().as_text()
+    gathers = re.findall(r' all-gather[-\\w]*\\(', hlo)
+    assert not gathers, f'{len(gathers)} all-gathers in the sharded update'
+    r_params, r_state = params, tx.init(params)
+    for g in grads:
+      s_params, s_state = sharded(s_params, s_state, shard(g))
+      r_params, r_state = jax.jit(update)(r_params, r_state, g)
+    assert int(sum(np.sum(np.asarray(e) > 0) for e in jax.tree.leaves(r_state.entry_step))) > 0
+    for a, b in zip(jax.tree.leaves((s_params, s_state)), jax.tree.leaves((r_params, r_state))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    print('sharded update matches; no all-gather')
+''')
+
+
+def test_sharded_params_under_jit_need_no_all_gather():
+  """Params sharded over 4 host devices (FSDP-style): the ordering edges are scalar all-reduces."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
+  result = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'sharded update matches' in result.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: a ValueError that names the problem.
 

@@ -37,7 +37,7 @@ def _full_passes(hlo: str, shape: str) -> int:
 
   Every instruction of the entry computation is one loop over memory (XLA on
   CPU); it reads each of its full-size operands once and writes its result. A
-  scalar fusion that slices a few entries out of an operand (an ordering
+  smaller fusion that slices a few entries out of an operand (an ordering
   token) reads no full buffer.
   """
   bodies = dict(re.findall(r'^(%\S+) .*?\{\n(.*?)^\}', hlo, re.S | re.M))
@@ -48,8 +48,8 @@ def _full_passes(hlo: str, shape: str) -> int:
     match = re.match(r'\s*(%\S+) = \w+\[([\d,]*)\]\S* (\w[\w-]*)\((.*?)\)(, kind=.*?calls=(%[\w.]+))?', line)
     if not match or match.group(3) in ('parameter', 'constant', 'tuple', 'get-tuple-element'):
       continue
-    if match.group(2) == '' and ' slice(' in bodies.get(match.group(6), ''):
-      continue   # a scalar made from a few sliced entries: an ordering token
+    if match.group(2) != shape and ' slice(' in bodies.get(match.group(6), ''):
+      continue   # a few entries sliced out of a buffer: an ordering token
     operands = re.findall(r'%[\w.\-]+', match.group(4))
     passes += sum(shapes.get(name) == shape for name in operands) + (match.group(2) == shape)
   return passes
