@@ -70,8 +70,12 @@ def _check_number(name: str, value, *, positive: bool = False, below_one: bool =
     raise ValueError(f'`{name}` must be in [0, 1), got {value}.')
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, numbers.Number)
+
+
 def _is_zero(x) -> bool:
-  return isinstance(x, numbers.Number) and x == 0
+  return _is_number(x) and x == 0
 
 
 def _after(x, token):
@@ -241,8 +245,15 @@ def dessilbi(
         return ((-alpha * kappa * d).astype(param_dtype), b, None, None, None, None), previous
       # Γ_k = s_k·Z_k: the Z update rebuilds it, so that only the W update reads
       # the stored Γ_k. Else W's writer would wait for Z's reader of W, and Γ's
-      # writer for both readers of Γ (lasso leaves, with no per-group s, do read Γ).
-      gam_k = gam if scale is None else z * scale
+      # writer for both readers of Γ. Lasso leaves keep no s (it would be one per
+      # weight): they rebuild Γ_k = κ·prox_λ(Z_k) when κ and λ are fixed numbers
+      # and read Γ_k when they may have changed since (optax.inject_hyperparams).
+      if scale is not None:
+        gam_k = z * scale
+      elif _is_number(kappa) and _is_number(lambda_of[kind]):
+        gam_k, _ = prox.shrink_groups(z, kind, prox.group_norms(z, kind), lambda_of[kind], kappa)
+      else:
+        gam_k = gam
       z = z + alpha * ((w - gam_k) / mu)
       norms = prox.group_norms(z, kind, normalize_groups)
       # Ordering edges (see `_written`): W is written after Z, Γ after W.

@@ -14,6 +14,7 @@ import pytest
 
 import dessilbi_jax as dl
 from dessilbi_jax import optimizer
+from dessilbi_jax import prox
 
 # ----------------------------------------------------------------------------------------------
 # The reference: ALGORITHM.md in plain NumPy (float64, explicit loops over the groups).
@@ -269,6 +270,21 @@ def test_matches_reference(case):
   ref = _reference_run(params, grads, **hyper)
   _assert_some_but_not_all_entered(ref)
   _assert_matches_reference(final_params, state, ref)
+
+
+def test_lasso_leaves_rebuild_gamma_to_the_bit():
+  """With fixed κ and λ the Z update recomputes Γ_k = κ·prox_λ(Z_k) on lasso leaves instead of
+  reading Γ: the stored Γ must be exactly that, step after step (κ = 2 so the product matters)."""
+  hyper = _hyper(kappa=2.0, lambdas={'lasso': 0.1, 'filter': 0.8})
+  params, grads = _lenet_problem(steps=30)
+  _, state = _library_run(_library_tx(hyper), params, grads)
+  z, gam, kinds = _flat(state.z), _flat(state.gamma), _kinds(params, None)
+  lasso = [path for path, kind in kinds.items() if kind == 'lasso']
+  assert lasso
+  for path in lasso:
+    rebuilt, _ = prox.shrink_groups(z[path], 'lasso', jnp.abs(z[path]), 0.1, 2.0)
+    assert np.count_nonzero(gam[path]) > 0, path
+    np.testing.assert_array_equal(rebuilt, gam[path], err_msg=path)
 
 
 def test_large_leaves_in_sequence_give_the_same_numbers(monkeypatch):
