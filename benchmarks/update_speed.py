@@ -64,8 +64,9 @@ class Runner:
     self.grads = jax.tree.map(jnp.copy, grads)   # its own copy: no runner reads what another left in cache
     self.carry = (jax.tree.map(jnp.copy, params), tx.init(params))
     hlo = self.step.lower(*self.carry, grads).compile().as_text()
-    self.copies = hlo[hlo.index('ENTRY'):].count(' copy(')
-    self.fusions = hlo[hlo.index('ENTRY'):].count(' fusion(')   # kernels launched per step
+    entry = hlo[hlo.index('ENTRY'):]
+    self.copies = entry.count(' copy(')
+    self.fusions = entry.count(' fusion(')   # kernels launched per step
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.carry[1]))
     self.state_bytes_per_param = state_bytes / sum(x.size for x in jax.tree.leaves(params))
     for _ in range(3):

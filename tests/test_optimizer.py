@@ -218,7 +218,7 @@ def _assert_matches_reference(params, state, ref, rtol=2e-5, atol=2e-5):
     np.testing.assert_allclose(gam[path], ref['gamma'][path], rtol=rtol, atol=atol, err_msg=f'Γ {path}')
     assert entry[path].dtype == jnp.int32 and entry[path].shape == ref['entry'][path].shape, path
     np.testing.assert_array_equal(entry[path], ref['entry'][path], err_msg=f'entry step {path}')
-    if entry[path].shape == z[path].shape:   # lasso: every weight its own group, Γ is read as stored
+    if entry[path].shape == z[path].shape:   # lasso: one group per weight, no per-group scale
       assert scale[path] is None, path
     else:   # Γ_g = s_g·Z_g to the bit: the Z update rebuilds Γ_k from the per-group scale
       assert scale[path].shape == entry[path].shape, path
@@ -566,15 +566,19 @@ _PMAP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_pmap_keeps_replicated_state_identical():
-  """Four host devices (set before jax starts, so in a subprocess), gradients averaged by pmean."""
+def _run_on_four_host_devices(script: str) -> str:
+  """Runs ``script`` in a fresh Python with 4 host devices (set before jax starts); its stdout."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-  result = subprocess.run([sys.executable, '-c', _PMAP_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'replicas identical' in result.stdout
+  return result.stdout
+
+
+def test_pmap_keeps_replicated_state_identical():
+  """Four host devices (in a subprocess), gradients averaged by pmean."""
+  assert 'replicas identical' in _run_on_four_host_devices(_PMAP_SCRIPT)
 
 
 _SHARDED_SCRIPT = textwrap.dedent('''
@@ -619,13 +623,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 def test_sharded_params_under_jit_need_no_all_gather():
   """Params sharded over 4 host devices (FSDP-style): the ordering edges are scalar all-reduces."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-  result = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'sharded update matches' in result.stdout
+  assert 'sharded update matches' in _run_on_four_host_devices(_SHARDED_SCRIPT)
 
 
 # ----------------------------------------------------------------------------------------------
