@@ -16,6 +16,7 @@ One step k -> k+1 (notation of ``ALGORITHM.md``; α the learning rate, κ
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Union
@@ -26,6 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+try:
+  from flax import nnx as _nnx
+except ImportError:   # flax is only needed for its nnx Variables
+  _nnx = None
+
+from dessilbi_jax import cpu_schedule
 from dessilbi_jax import grouping
 from dessilbi_jax import prox
 
@@ -78,40 +85,84 @@ def _is_zero(x) -> bool:
   return _is_number(x) and x == 0
 
 
-def _after(x, token):
-  """``x``, made to depend on the scalar ``token`` without changing its value.
+class _StepHyper(NamedTuple):
+  """The numbers of one step: α (``alpha``), κ, ν (``mu``), β, ω, λ per kind, and k + 1 (``count``)."""
+  alpha: Any
+  kappa: Any
+  mu: Any
+  momentum: Any
+  nesterov: bool
+  weight_decay: Any
+  lambdas: Mapping[str, Any]
+  normalize: bool
+  count: chex.Array
 
-  The edge is ``min(|token|, 0)``: exactly zero, also when the token
-  overflows, and not folded away by XLA (NaN semantics). See :func:`_written`.
+
+def _unordered(x, written):
+  del written
+  return x
+
+
+def leaf_update(g, b, w, z, gam, scale, entry, kind, *, hyper: _StepHyper, after=_unordered):
+  """One leaf's step k -> k+1 (docs/ALGORITHM.md); returns ``(W_{k+1} − W_k, b_k, Z_{k+1}, Γ_{k+1}, s, entry)``.
+
+  ``kind`` is the leaf's group kind (``None``: no structure variable). ``after(x,
+  written)`` is ``x``; :mod:`dessilbi_jax.cpu_schedule` passes one that also
+  orders the writes of ``Z``, ``W`` and ``Γ`` on the CPU, without changing a bit.
   """
-  edge = jnp.minimum(jnp.abs(token), 0)
-  return x + edge.astype(jnp.result_type(x))
+  h = hyper
+  param_dtype, dtype = jnp.result_type(w), b.dtype
+  w_param, g, w = w, g.astype(dtype), w.astype(dtype)
+  grad = g + h.weight_decay * w if (w.ndim >= 2 and not _is_zero(h.weight_decay)) else g
+  b = h.momentum * b + grad                               # b_k = β·b_{k−1} + g_k + ω·W_k
+  d = grad + h.momentum * b if h.nesterov else b          # d_k
+  if kind is None:                                        # W_{k+1} = W_k − α·κ·d_k
+    return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None, None, None
+  # λ in one dtype (at least float32) for every use, so both halves of the step see one Γ_k.
+  lam = jnp.asarray(h.lambdas[kind], jnp.promote_types(dtype, jnp.float32))
+  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed=_is_number(h.kappa) and _is_number(h.lambdas[kind]))
+  z = z + h.alpha * ((w - gam_k) / h.mu)                  # Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
+  norms = prox.group_norms(z, kind, h.normalize)
+  step = after(-h.alpha * h.kappa * (d + (w - gam) / h.mu), norms)   # W_{k+1} − W_k, W written after Z
+  step = step.astype(param_dtype)                         # what optax.apply_updates adds to the params
+  lam = after(lam, w_param + step)                        # Γ written after W
+  gam, scale = prox.shrink_groups(z, kind, norms, lam, h.kappa)      # Γ_{k+1} = κ·prox_λ(Z_{k+1})
+  entry = jnp.where((entry < 0) & (norms > lam), h.count, entry)
+  return step, b, z, gam, (None if kind == 'lasso' else scale), entry
 
 
-def _written(x):
-  """A token that exists only once the buffer holding ``x`` has been written.
+def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool):
+  """Γ_k for the ``Z`` update, equal to the stored ``Γ_k`` to the bit (tested).
 
-  XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
-  written by their own fusion, in place into the donated buffers. Unless a data
-  edge orders every reader of a buffer before its writer, XLA copies the buffer
-  on every step (two extra passes over memory). The token is the sum of the
-  first row of ``x`` (``x[0, ..., 0, :]``): XLA gives a reduction its own fusion
-  that reads the written buffer (it does not recompute a shared producer inside
-  it), so the edge costs a row of loads, not a pass; and under ``jax.jit`` with
-  sharded params it is one scalar all-reduce whatever axis is sharded (a slice
-  of the flattened array would all-gather it). For ``W`` pass ``w + step``:
-  that is what ``optax.apply_updates`` computes, so XLA's CSE makes it the very
-  value written to ``W``.
+  The ``Z`` update rebuilds it, so that only the ``W`` update reads the stored
+  ``Γ_k``: else, on the CPU, ``W``'s writer would wait for ``Z``'s reader of
+  ``W`` and ``Γ``'s writer for both readers of ``Γ``. Grouped leaves keep the
+  per-group scale, ``Γ_k = s_k·Z_k``; lasso leaves keep no ``s`` (one per
+  weight) and rebuild ``Γ_k = κ·prox_λ(Z_k)`` when κ and λ are fixed numbers, or
+  read ``Γ_k`` when they may have changed since (``optax.inject_hyperparams``).
   """
-  return jnp.sum(x[(0,) * (x.ndim - 1)], dtype=jnp.float32)
+  if scale is not None:
+    return z * scale
+  if fixed:
+    return prox.shrink_groups(z, kind, prox.group_norms(z, kind), lam, kappa)[0]
+  return gam
 
 
-# Structured leaves of at least this many weights are updated one after the
-# other: their buffers (about 1 MiB and more in float32) do not all fit in the
-# CPU's caches at once, and in sequence the momentum and Z a leaf's first
-# fusions write are still cached when its next fusions read them. Smaller
-# leaves fit together and gain more from being updated side by side.
-_SEQUENTIAL_MIN_SIZE = 2 ** 18
+def _as_arrays(tree):
+  """``tree`` with flax.nnx ``Variable`` leaves replaced by their values (``nnx.as_pure``).
+
+  ``nnx.Optimizer`` gives ``init`` the model's Variables and ``update`` plain
+  arrays; both must see the same paths (``'Dense_0/kernel'``).
+  """
+  return _nnx.as_pure(tree) if _nnx is not None else tree
+
+
+def _per_group_full(w, kind: str, fill, dtype):
+  """A per-group array (keepdims shape) of ``fill``, sharded like ``w`` along the group axis.
+
+  The keepdims sum only gives the shape and sharding; XLA drops it.
+  """
+  return jnp.full_like(jnp.sum(w, axis=grouping.reduce_axes(kind, jnp.ndim(w)), keepdims=True), fill, dtype)
 
 
 def _lambda_per_kind(lambdas) -> dict[str, Any]:
@@ -148,7 +199,8 @@ def dessilbi(
     lambdas: Union[None, float, Mapping[str, float]] = None,
     normalize_groups: bool = False,
     state_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
+    ordering_edges: Optional[bool] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""DessiLBI: SGD coupled with a sparse structure variable on an inverse scale space.
 
   The weights follow ``W_{k+1} = W_k − α·κ·(d_k + (W_k − Γ_k)/ν)`` where ``d_k``
@@ -173,9 +225,15 @@ def dessilbi(
     normalize_groups: divide ``‖z_g‖`` by ``√(group size)`` in the proximal map.
     state_dtype: dtype of the momentum, ``Z`` and ``Γ``; default: the params'.
       Use ``jnp.float32`` with bf16/f16 params: ``Z`` accumulates steps of size α/ν.
+    ordering_edges: order the writes of ``W``, ``Z`` and ``Γ`` with zero-valued
+      data edges (:mod:`dessilbi_jax.cpu_schedule`), which keeps XLA's CPU
+      backend from copying the buffers. ``None`` (default): on when the update
+      is traced for the CPU backend, unless params are sharded in their types;
+      ``True``/``False`` force it. The numbers are the same to the bit either way.
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+    and ignores other keyword arguments.
 
   With ``optax.inject_hyperparams``, every number (``learning_rate``,
   ``kappa``, ``mu``, ``momentum``, ``weight_decay``, a single ``lambdas``)
@@ -209,71 +267,41 @@ def dessilbi(
     raise ValueError(f'`nesterov` must be True or False, got {nesterov!r}.')
 
   def init_fn(params):
+    params = _as_arrays(params)
     _check_float_params(params)
     kinds = grouping.resolve_kinds(params, groups)
     dtype_of = lambda w: state_dtype or jnp.result_type(w)
     per_leaf = lambda f: jax.tree.map(lambda w, k: None if k is None else f(w, k), params, kinds)
     return DessiLBIState(
         count=jnp.zeros([], jnp.int32),
-        momentum=jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), dtype_of(w)), params),
-        z=per_leaf(lambda w, k: jnp.zeros(jnp.shape(w), dtype_of(w))),
-        gamma=per_leaf(lambda w, k: jnp.zeros(jnp.shape(w), dtype_of(w))),
-        gamma_scale=per_leaf(lambda w, k: None if k == 'lasso'
-                             else jnp.zeros(grouping.group_shape(k, jnp.shape(w)), dtype_of(w))),
-        entry_step=per_leaf(lambda w, k: jnp.full(grouping.group_shape(k, jnp.shape(w)), -1, jnp.int32)),
+        momentum=jax.tree.map(lambda w: jnp.zeros_like(w, dtype_of(w)), params),
+        z=per_leaf(lambda w, k: jnp.zeros_like(w, dtype_of(w))),
+        gamma=per_leaf(lambda w, k: jnp.zeros_like(w, dtype_of(w))),
+        gamma_scale=per_leaf(lambda w, k: None if k == 'lasso' else _per_group_full(w, k, 0, dtype_of(w))),
+        entry_step=per_leaf(lambda w, k: _per_group_full(w, k, -1, jnp.int32)),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args   # optax's convention: unknown keyword arguments are ignored
     if params is None:
       raise ValueError('dessilbi needs `params` in update(grads, state, params): W enters the coupling (W − Γ)/ν.')
+    updates, params = _as_arrays(updates), _as_arrays(params)
     kinds = grouping.resolve_kinds(params, groups)
-    alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    new_count = optax.safe_increment(state.count)
-
-    def leaf_update(g, b, w, z, gam, scale, entry, kind, previous):
-      """One leaf's step; ``previous`` orders large leaves (``_SEQUENTIAL_MIN_SIZE``)."""
-      dtype = b.dtype
-      w_param, param_dtype = w, jnp.result_type(w)
-      g, w = g.astype(dtype), w.astype(dtype)
-      sequential = kind is not None and w.size >= _SEQUENTIAL_MIN_SIZE
-      if sequential and previous is not None:   # start once the previous large leaf wrote Γ
-        g, z = _after(g, previous), _after(z, previous)
-      grad = g + weight_decay * w if (w.ndim >= 2 and not _is_zero(weight_decay)) else g
-      b = momentum * b + grad
-      d = grad + momentum * b if nesterov else b
-      if kind is None:
-        return ((-alpha * kappa * d).astype(param_dtype), b, None, None, None, None), previous
-      # Γ_k = s_k·Z_k: the Z update rebuilds it, so that only the W update reads
-      # the stored Γ_k. Else W's writer would wait for Z's reader of W, and Γ's
-      # writer for both readers of Γ. Lasso leaves keep no s (it would be one per
-      # weight): they rebuild Γ_k = κ·prox_λ(Z_k) when κ and λ are fixed numbers
-      # and read Γ_k when they may have changed since (optax.inject_hyperparams).
-      if scale is not None:
-        gam_k = z * scale
-      elif _is_number(kappa) and _is_number(lambda_of[kind]):
-        gam_k, _ = prox.shrink_groups(z, kind, prox.group_norms(z, kind), lambda_of[kind], kappa)
-      else:
-        gam_k = gam
-      z = z + alpha * ((w - gam_k) / mu)
-      norms = prox.group_norms(z, kind, normalize_groups)
-      # Ordering edges (see `_written`): W is written after Z, Γ after W.
-      z_written = _written(z) if kind == 'lasso' else norms.reshape(-1)[0]
-      step = _after(-alpha * kappa * (d + (w - gam) / mu), z_written)
-      step = step.astype(param_dtype)   # what optax.apply_updates adds to the params
-      lam = _after(lambda_of[kind], _written(w_param + step))
-      gam, scale = prox.shrink_groups(z, kind, norms, lam, kappa)
-      entry = jnp.where((entry < 0) & (norms > lam), new_count, entry)
-      results = step, b, z, gam, (None if kind == 'lasso' else scale), entry
-      return results, (_written(gam) if sequential else previous)
-
+    hyper = _StepHyper(
+        alpha=learning_rate(state.count) if callable(learning_rate) else learning_rate,
+        kappa=kappa, mu=mu, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        lambdas=lambda_of, normalize=normalize_groups, count=optax.safe_increment(state.count))
     treedef = jax.tree.structure(params)
-    flat = [treedef.flatten_up_to(t) for t in
-            (updates, state.momentum, params, state.z, state.gamma, state.gamma_scale, state.entry_step, kinds)]
-    results, previous = [], None
-    for args in zip(*flat):
-      leaf_results, previous = leaf_update(*args, previous)
-      results.append(leaf_results)
-    step, b, z, gam, scale, entry = (treedef.unflatten(list(r)) for r in zip(*results))
-    return step, DessiLBIState(count=new_count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry)
+    leaves = list(zip(*[treedef.flatten_up_to(t) for t in (
+        updates, state.momentum, params, state.z, state.gamma, state.gamma_scale, state.entry_step)]))
+    kinds = treedef.flatten_up_to(kinds)
+    step = functools.partial(leaf_update, hyper=hyper)
+    if cpu_schedule.wanted(ordering_edges, jax.tree.leaves(params)):
+      results = cpu_schedule.update_in_order(step, leaves, kinds)
+    else:
+      results = [step(*args, kind) for args, kind in zip(leaves, kinds)]
+    fields = list(zip(*results)) or [()] * 6   # no params: empty trees
+    step, b, z, gam, scale, entry = (treedef.unflatten(list(f)) for f in fields)
+    return step, DessiLBIState(count=hyper.count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

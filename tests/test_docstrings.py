@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots',
+MODULES = ['optimizer', 'cpu_schedule', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots',
            'data.pipeline', 'data.datasets']   # models: tests/test_models.py
 
 

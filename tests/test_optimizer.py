@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
-from dessilbi_jax import optimizer
+from dessilbi_jax import cpu_schedule
 from dessilbi_jax import prox
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +292,71 @@ def test_large_leaves_in_sequence_give_the_same_numbers(monkeypatch):
   hyper = _hyper(**REFERENCE_CASES['every_kind'])
   params, grads = _lenet_problem(steps=20)
   side_by_side = _library_run(_library_tx(hyper), params, grads)
-  monkeypatch.setattr(optimizer, '_SEQUENTIAL_MIN_SIZE', 1)
+  monkeypatch.setattr(cpu_schedule, 'SEQUENTIAL_MIN_SIZE', 1)
   in_sequence = _library_run(_library_tx(hyper), params, grads)
   for a, b in zip(jax.tree.leaves(side_by_side), jax.tree.leaves(in_sequence)):
     np.testing.assert_array_equal(a, b)
+
+
+# Past the sequencing threshold (2¹⁸ weights: updated one after the other) and below it.
+_EDGE_SHAPES = {'big_conv': (3, 3, 128, 256), 'big_dense': (512, 512), 'conv': (3, 3, 4, 8),
+                'dense': (16, 8), 'neuron': (16, 8), 'bias': (8,)}
+
+
+def _non_finite_cases():
+  """(name, where, {leaf: value put in its first row}): NaN, ±inf, and rows of ±3e38 (inf − inf)."""
+  huge = lambda n: np.resize([3e38, 3e38, -3e38, -3e38], n)
+  cases = []
+  for where in ('grads', 'params'):
+    for name, value in (('nan', np.nan), ('inf', np.inf), ('-inf', -np.inf), ('±3e38', None)):
+      cases.append((f'{name} in {where}', where, {leaf: value for leaf in ('big_conv', 'conv', 'dense')}, huge))
+  return cases
+
+
+def test_non_finite_values_give_the_numbers_of_the_edge_free_update():
+  """With the CPU ordering edges, every output equals the plain update's to the bit, NaN and inf in
+  exactly the same entries: a NaN in one leaf stays where the equations put it (it neither zeroes
+  the leaf's Γ through a NaN λ nor reaches the next large leaf)."""
+  assert np.prod(_EDGE_SHAPES['big_dense']) >= cpu_schedule.SEQUENTIAL_MIN_SIZE
+  assert np.prod(_EDGE_SHAPES['conv']) < cpu_schedule.SEQUENTIAL_MIN_SIZE
+  rng = np.random.default_rng(0)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in _EDGE_SHAPES.items()}
+  grads = [{k: jnp.asarray(0.05 * rng.normal(size=s), jnp.float32) for k, s in _EDGE_SHAPES.items()}
+           for _ in range(4)]
+  hyper = dict(mu=2.0, lambdas={'lasso': 0.05, 'filter': 0.8, 'neuron': 0.3}, groups={'neuron': 'neuron'})
+  txs = {edges: dl.dessilbi(0.5, ordering_edges=edges, **hyper) for edges in (True, False)}
+
+  def step(tx):
+    def f(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    return jax.jit(f)
+
+  steps = {edges: step(tx) for edges, tx in txs.items()}
+  warm = (params, txs[True].init(params))
+  for g in grads[:2]:   # some groups in Γ's support first
+    warm = steps[False](*warm, g)
+  assert any(bool(np.any(e > 0)) for e in jax.tree.leaves(warm[1].entry_step))
+  for name, where, bad, huge in _non_finite_cases():
+    runs = {}
+    for edges in (True, False):
+      p, s = warm
+      for k, g in enumerate(grads[2:]):
+        if k == 0:   # one bad step, then a finite one
+          target = dict(g) if where == 'grads' else dict(p)
+          for leaf, value in bad.items():
+            x = np.array(target[leaf])
+            row = x[(0,) * (x.ndim - 1)]
+            row[:] = huge(row.size) if value is None else np.where(np.arange(row.size) == 1, value, row)
+            target[leaf] = jnp.asarray(x)
+          g, p = (target, p) if where == 'grads' else (g, target)
+        p, s = steps[edges](p, s, g)
+      runs[edges] = (p, s)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(runs[True])[0], jax.tree.leaves(runs[False])):
+      np.testing.assert_array_equal(a, b, err_msg=f'{name}: {jax.tree_util.keystr(path)}')
+    # Not vacuous: the bad values reached the outputs, and the next large leaf stayed finite.
+    assert any(not bool(jnp.all(jnp.abs(x) < 1e37)) for x in jax.tree.leaves(runs[False])), name
+    assert bool(jnp.all(jnp.isfinite(runs[False][1].gamma['big_dense']))), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,8 +647,8 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import dessilbi_jax as dl
-    from dessilbi_jax import optimizer
-    optimizer._SEQUENTIAL_MIN_SIZE = 1   # the edges between leaves too
+    from dessilbi_jax import cpu_schedule
+    cpu_schedule.SEQUENTIAL_MIN_SIZE = 1   # the edges between leaves too
     mesh = Mesh(jax.devices(), ('d',))
     rng = np.random.default_rng(0)
     params = {'conv': jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32),     # sharded over filters
