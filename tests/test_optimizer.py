@@ -679,12 +679,63 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     for a, b in zip(jax.tree.leaves((s_params, s_state)), jax.tree.leaves((r_params, r_state))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     print('sharded update matches; no all-gather')
+
+    # Without the edges (what GPU and TPU get by default) the update needs no communication at all.
+    plain = dl.dessilbi(0.1, mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8}, ordering_edges=False)
+    def plain_update(params, state, grads):
+      updates, state = plain.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    hlo = jax.jit(plain_update).lower(shard(params), shard(plain.init(params)), shard(grads[0])).compile().as_text()
+    collectives = re.findall(r' (all-reduce|all-gather|collective-permute|all-to-all)[-\\w]*\\(', hlo)
+    assert not collectives, f'collectives without edges: {collectives}'
+    print('without edges: no collectives')
+
+    # Sharding in types (AxisType.Explicit): init and update work, every state leaf sharded like its
+    # param (per-group leaves along the group axis), the same numbers.
+    from jax.sharding import AxisType
+    explicit = jax.make_mesh((4,), ('d',), axis_types=(AxisType.Explicit,))
+    padded = lambda spec, ndim: tuple(spec) + (None,) * (ndim - len(spec))
+
+    def check_sharded_like_params(e_params, e_state):
+      for k, w in e_params.items():
+        assert padded(w.sharding.spec, w.ndim) == padded(specs[k], w.ndim), k
+      for field in ('momentum', 'z', 'gamma', 'gamma_scale', 'entry_step'):
+        for k, x in getattr(e_state, field).items():
+          if x is not None:   # the param's spec, with None on the axes a group spans
+            expected = tuple(s if x.shape[i] == params[k].shape[i] else None
+                             for i, s in enumerate(padded(specs[k], x.ndim)))
+            assert padded(x.sharding.spec, x.ndim) == expected, (field, k, x.sharding)
+
+    with jax.set_mesh(explicit):
+      e_params = {k: jax.device_put(v, NamedSharding(explicit, specs[k])) for k, v in params.items()}
+      for init in (tx.init, jax.jit(tx.init)):
+        e_state = init(e_params)
+        check_sharded_like_params(e_params, e_state)
+      forced = dl.dessilbi(0.1, ordering_edges=True)
+      try:
+        forced.update(e_params, forced.init(e_params), e_params)
+        raise AssertionError('ordering_edges=True under explicit sharding did not raise')
+      except ValueError as e:
+        assert 'ordering_edges=True needs params that are not sharded in their types' in str(e), e
+      assert padded(e_state.entry_step['conv'].sharding.spec, 4) == (None, None, None, 'd')
+      e_step = jax.jit(update)
+      for g in grads:
+        e_params, e_state = e_step(e_params, e_state, {k: jax.device_put(v, NamedSharding(explicit, specs[k]))
+                                                       for k, v in g.items()})
+      check_sharded_like_params(e_params, e_state)
+    for a, b in zip(jax.tree.leaves((e_params, e_state)), jax.tree.leaves((r_params, r_state))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    print('explicit sharding: state sharded like the params')
 ''')
 
 
-def test_sharded_params_under_jit_need_no_all_gather():
-  """Params sharded over 4 host devices (FSDP-style): the ordering edges are scalar all-reduces."""
-  assert 'sharded update matches' in _run_on_four_host_devices(_SHARDED_SCRIPT)
+def test_sharded_params_under_jit():
+  """Params sharded over 4 host devices (FSDP-style): with the ordering edges they are scalar all-reduces,
+  no all-gather; without them no collective at all; with sharding in types (AxisType.Explicit) init and
+  update keep every state leaf sharded like its param."""
+  out = _run_on_four_host_devices(_SHARDED_SCRIPT)
+  assert 'sharded update matches' in out and 'without edges: no collectives' in out
+  assert 'explicit sharding: state sharded like the params' in out
 
 
 # ----------------------------------------------------------------------------------------------
