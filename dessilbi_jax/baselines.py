@@ -81,7 +81,7 @@ def cubic_sparsity_schedule(
 def _cubic_remaining(step, begin_step, end_step, frequency):
   """(1 − (t − t0)/(t1 − t0))³ at the last pruning step t <= step (t clipped to [t0, t1])."""
   t = begin_step + (jnp.clip(step, begin_step, end_step) - begin_step) // frequency * frequency
-  remaining = (1.0 - (t - begin_step) / max(end_step - begin_step, 1)) ** 3
+  remaining = (1.0 - (t - begin_step) / jnp.maximum(end_step - begin_step, 1)) ** 3
   return jnp.where(step >= end_step, 0.0, remaining)
 
 
@@ -166,7 +166,7 @@ def gmp(
     targets = dict(final_sparsity)
   else:
     _check_fraction('final_sparsity', final_sparsity, closed=True)
-    if initial_sparsity > final_sparsity:
+    if _concrete(initial_sparsity, final_sparsity) and initial_sparsity > final_sparsity:
       raise ValueError(f'`initial_sparsity` ({initial_sparsity}) must not exceed `final_sparsity` ({final_sparsity}).')
     targets = None
   _check_steps(begin_step, end_step, frequency)
@@ -198,13 +198,14 @@ def gmp(
         lambda w, k: None if k is None else jnp.ones(jnp.shape(w), bool), params, kinds, is_leaf=_is_none)
     return GMPState(count=jnp.zeros([], jnp.int32), masks=masks, inner_state=inner.init(params))
 
-  def update_fn(updates, state, params=None):
-    if params is None:
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:   # extra_args go to `inner`, which may ignore them (optax's convention)
       raise ValueError('gmp needs `params` in update(grads, state, params): it ranks the weights by magnitude.')
     kinds = grouping.resolve_kinds(params, groups)
     s_final = leaf_targets(params, kinds)
     grads = jax.tree.map(_apply_mask, updates, state.masks, is_leaf=_is_none)
-    inner_updates, inner_state = inner.update(grads, state.inner_state, params)
+    inner_updates, inner_state = optax.with_extra_args_support(inner).update(
+        grads, state.inner_state, params, **extra_args)
     # Pruned weights score 0 so that they stay pruned: masks only ever lose entries.
     candidate = jax.tree.map(_apply_mask, optax.apply_updates(params, inner_updates), state.masks, is_leaf=_is_none)
     if scope == 'global':
@@ -222,7 +223,7 @@ def gmp(
         inner_updates, masks, params, is_leaf=_is_none)
     return new_updates, GMPState(count=optax.safe_increment(state.count), masks=masks, inner_state=inner_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def magnitude_masks(params, kinds, sparsity, scope: str = 'layer'):
@@ -433,12 +434,21 @@ def _is_gmp_state(x):
   return isinstance(x, GMPState)
 
 
+def _concrete(*values) -> bool:
+  """Whether every value is a known number (not traced, e.g. under ``optax.inject_hyperparams``)."""
+  return not any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 def _check_fraction(name, value, closed=False):
+  if not _concrete(value):
+    return
   if not (0.0 <= float(value) <= 1.0 if closed else 0.0 <= float(value) < 1.0):
     raise ValueError(f'`{name}` must be a fraction in [0, 1{"]" if closed else ")"}, got {value}.')
 
 
 def _check_steps(begin_step, end_step, frequency):
+  if not _concrete(begin_step, end_step, frequency):
+    return
   if not 0 <= begin_step <= end_step:
     raise ValueError(f'Need 0 <= begin_step <= end_step; got begin_step={begin_step}, end_step={end_step}.')
   if frequency < 1:

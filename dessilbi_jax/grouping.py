@@ -173,19 +173,27 @@ def resolve_kinds(params, groups: GroupsRule = None):
   elif callable(groups):
     kinds = [groups(p, x) for p, x in zip(paths, leaves)]
   else:
-    kinds = _kinds_from_pytree(treedef, groups)
+    kinds = _kinds_from_pytree(paths, groups)
     if kinds is None:
       kinds = _kinds_from_patterns(groups, paths, leaves)
   kinds = [_validate(k, p, x) for k, p, x in zip(kinds, paths, leaves)]
   return jax.tree.unflatten(treedef, kinds)
 
 
-def _kinds_from_pytree(treedef, groups):
+def _kinds_from_pytree(paths, groups):
+  """The kinds of a pytree of kinds, matched to the params by leaf path.
+
+  By path, not by node type, so that a nested dict of kinds fits params held in
+  another container (a ``flax.nnx.State``, a ``FrozenDict``).
+  """
   try:
-    flat = treedef.flatten_up_to(groups)
+    flat = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_kind_leaf)[0]
   except (ValueError, TypeError):
     return None
-  return flat if all(_is_kind_leaf(k) for k in flat) else None
+  by_path = {path_str(p): k for p, k in flat}
+  if len(by_path) != len(paths) or set(by_path) != set(paths) or not all(map(_is_kind_leaf, by_path.values())):
+    return None
+  return [by_path[p] for p in paths]
 
 
 def _kinds_from_patterns(groups, paths, leaves):
@@ -210,7 +218,7 @@ def _kinds_from_patterns(groups, paths, leaves):
     else:
       kinds.append(default_kind(path, leaf))
   unused = [p for p in groups if p not in used]
-  if unused:
+  if unused and paths:   # no params at all (a masked-out part, optax.tree.map_params' placeholder): nothing to match
     raise ValueError(
         f'Pattern(s) {unused} in `groups` match no parameter. Patterns are searched '
         f'(re.search) in leaf paths; the paths are: {paths}.')

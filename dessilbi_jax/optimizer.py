@@ -61,6 +61,33 @@ class DessiLBIState(NamedTuple):
   entry_step: optax.Updates
 
 
+def state_spec(leaf, param_spec):
+  """The ``PartitionSpec`` of a state leaf, given its param's: for ``optax.tree.map_params``.
+
+  Leaves without structure (``None``) stay ``None``; a per-group leaf drops the
+  axes a group spans (size 1 in its keepdims shape).
+
+  Example::
+
+    >>> import jax.numpy as jnp, optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import dessilbi_jax as dl
+    >>> params = {'kernel': jnp.ones((3, 3, 8, 16)), 'bias': jnp.zeros(16)}
+    >>> tx = dl.dessilbi(0.1)
+    >>> specs = optax.tree.map_params(tx, dl.optimizer.state_spec, tx.init(params),
+    ...                               {'kernel': P(None, None, None, 'd'), 'bias': P('d')},
+    ...                               transform_non_params=lambda _: P(), is_leaf=lambda x: x is None)
+    >>> specs.entry_step
+    {'bias': None, 'kernel': P(None, None, None, 'd')}
+  """
+  if leaf is None:
+    return None
+  padded = tuple(param_spec) + (None,) * (jnp.ndim(leaf) - len(param_spec))
+  if all(axis is None or size > 1 for axis, size in zip(padded, jnp.shape(leaf))):
+    return param_spec
+  return type(param_spec)(*(axis if size > 1 else None for axis, size in zip(padded, jnp.shape(leaf))))
+
+
 def _check_number(name: str, value, *, positive: bool = False, below_one: bool = False):
   """Raises ValueError for a concrete number out of range (traced values pass)."""
   try:
@@ -263,6 +290,14 @@ def dessilbi(
   _check_number('momentum', momentum, below_one=True)
   _check_number('weight_decay', weight_decay)
   lambda_of = _lambda_per_kind(lambdas)
+  if state_dtype is not None:
+    if isinstance(state_dtype, (jax.Array, np.ndarray, numbers.Number)):
+      raise ValueError(
+          f'`state_dtype` must be a dtype such as jnp.float32, got the number {state_dtype!r}. Under '
+          'optax.inject_hyperparams a dtype is callable and taken for a schedule: name it in static_args, '
+          "optax.inject_hyperparams(dl.dessilbi, static_args=('state_dtype',)).")
+    if not jnp.issubdtype(state_dtype, jnp.floating):
+      raise ValueError(f'`state_dtype` must be a floating-point dtype, got {state_dtype!r}.')
   if not isinstance(nesterov, (bool, np.bool_)):
     raise ValueError(f'`nesterov` must be True or False, got {nesterov!r}.')
 

@@ -29,15 +29,58 @@ import optax
 from dessilbi_jax import grouping
 from dessilbi_jax.optimizer import DessiLBIState
 
+try:
+  from flax import nnx as _nnx
+except ImportError:   # flax is only needed for its nnx Variables
+  _nnx = None
+
 
 def _is_placeholder(x) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
 
 
+def _as_arrays(tree):
+  """An nnx optimizer or model, or a tree of nnx Variables, as plain arrays (``nnx.as_pure``)."""
+  if _nnx is None:
+    return tree
+  if isinstance(tree, _nnx.Optimizer):
+    tree = tree.opt_state
+  elif isinstance(tree, _nnx.Module):
+    tree = _nnx.state(tree, _nnx.Param)
+  return _nnx.as_pure(tree)
+
+
 def find_states(opt_state) -> list[DessiLBIState]:
   """All DessiLBI states inside an optax state, outermost first."""
-  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DessiLBIState))
+  nodes = jax.tree.leaves(_as_arrays(opt_state), is_leaf=lambda x: isinstance(x, DessiLBIState))
   return [x for x in nodes if isinstance(x, DessiLBIState)]
+
+
+def _children(tree):
+  """One level of ``tree``: its children (``None`` kept), their keys, and the node that holds them."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+  return [k for k, _ in flat], [c for _, c in flat], treedef
+
+
+def _merge(trees, path=()):
+  """One tree out of several with the same structure where each leaf is set in at most one.
+
+  ``optax.masked`` and ``optax.partition`` leave ``None`` or ``MaskedNode`` where
+  a transformation does not apply, also for whole subtrees (a mask given as a
+  prefix of the params); what is set nowhere comes back ``None``.
+  """
+  present = [t for t in trees if not _is_placeholder(t)]
+  if len(present) <= 1:
+    return jax.tree.map(lambda x: None if _is_placeholder(x) else x, present[0], is_leaf=_is_placeholder) \
+        if present else None
+  split = [_children(t) for t in present]
+  if any(jax.tree_util.treedef_is_leaf(d) for _, _, d in split) or len({d for _, _, d in split}) > 1:
+    raise ValueError(
+        f'Leaf {grouping.path_str(path)!r} is updated by {len(present)} DessiLBI transformations in this state; '
+        'the path is ambiguous. Apply dl.dessilbi once per parameter.')
+  keys, _, treedef = split[0]
+  return treedef.unflatten([_merge(list(children), path + key)
+                            for key, children in zip(keys, zip(*(c for _, c, _ in split)))])
 
 
 def _field(opt_state, name: str):
@@ -46,18 +89,13 @@ def _field(opt_state, name: str):
     raise ValueError(
         'No DessiLBI state found in this optimizer state: pass the state of dl.dessilbi '
         f'or of an optax transformation built around it (got {type(opt_state).__name__}).')
-  trees = [getattr(s, name) for s in states]
-  flats = [jax.tree.flatten(t, is_leaf=_is_placeholder) for t in trees]
-  treedef = flats[0][1]
-  merged = []
-  for position, values in enumerate(zip(*(leaves for leaves, _ in flats))):
-    present = [v for v in values if not _is_placeholder(v)]
-    if len(present) > 1:
-      raise ValueError(
-          f'Leaf #{position} is updated by {len(present)} DessiLBI transformations in this state; '
-          'the path is ambiguous. Apply dl.dessilbi once per parameter.')
-    merged.append(present[0] if present else None)
-  return jax.tree.unflatten(treedef, merged)
+  return _merge([getattr(s, name) for s in states])
+
+
+def _like_params(tree, params):
+  """``tree`` with the params' structure: a ``None`` standing for a whole subtree becomes its leaves."""
+  return jax.tree.map(lambda t, p: jax.tree.map(lambda _: None, p) if _is_placeholder(t) else t,
+                      tree, params, is_leaf=_is_placeholder)
 
 
 def gamma(opt_state):
@@ -83,14 +121,16 @@ def support(opt_state):
 
 def sparse_params(params, opt_state):
   """``W ⊙ 1[Γ != 0]`` on structured leaves; the other leaves unchanged."""
+  params = _as_arrays(params)
   return jax.tree.map(
       lambda w, s: w if s is None else jnp.where(s, w, jnp.zeros_like(w)),
-      params, support(opt_state))
+      params, _like_params(support(opt_state), params), is_leaf=lambda x: x is None)
 
 
 def _leaf_table(params, opt_state):
   """(path, W, Γ, entry step) per leaf, in numpy."""
-  gam, entry = gamma(opt_state), entry_step(opt_state)
+  params = _as_arrays(params)
+  gam, entry = (_like_params(t, params) for t in (gamma(opt_state), entry_step(opt_state)))
   treedef = jax.tree.structure(params)
   rows = []
   for (path, w), g, e in zip(jax.tree_util.tree_flatten_with_path(params)[0],
@@ -100,6 +140,12 @@ def _leaf_table(params, opt_state):
       raise ValueError(
           f'Leaf {grouping.path_str(path)!r} has shape {w.shape} but its Γ has shape {g.shape}. Pass the params '
           'and optimizer state of one replica (under pmap: flax.jax_utils.unreplicate of both).')
+    if g is not None and not np.all(np.isfinite(g)):
+      raise ValueError(
+          f'Γ of leaf {grouping.path_str(path)!r} holds {np.count_nonzero(~np.isfinite(g))} NaN or infinite values: '
+          'a non-finite gradient or parameter reached the optimizer state, so its support (NaN counts as '
+          'non-zero) and entry steps mean nothing. Guard the loop with optax.apply_if_finite(dl.dessilbi(...), '
+          'max_consecutive_errors=5) and restart from a finite state.')
     rows.append((grouping.path_str(path), w, g, None if e is None else np.asarray(e)))
   return rows
 

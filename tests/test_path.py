@@ -278,3 +278,19 @@ def test_nonzero_summary_counts_the_zeros_of_w():
   assert summary['conv/bias'] == dict(kind=None, groups=0, groups_in_support=0, weights=4, weights_kept=4)
   by_neuron = dl.nonzero_summary(params, {'dense/kernel': 'neuron'})['dense/kernel']
   assert (by_neuron['groups'], by_neuron['groups_in_support']) == (3, 2)
+
+
+def test_a_nan_state_is_reported_as_not_finite():
+  """One NaN gradient step in a user's own loop (no apply_if_finite): Γ holds NaN, which counts as
+  non-zero, while the entry steps say the groups never entered. The summary says what happened."""
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.zeros(4)}}
+  tx = dl.dessilbi(0.5, mu=1.0, lambdas=0.01)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  for grads in (bad, params):   # the NaN reaches W, then Z and Γ
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert bool(jnp.all(jnp.isnan(dl.gamma(state)['conv']['kernel'])))
+  for helper in (dl.sparsity_summary, lambda p, s: dl.prune_by_order(p, s, 0.5)):
+    with pytest.raises(ValueError, match=r"Γ of leaf 'conv/kernel' holds 36 NaN or infinite values.*apply_if_finite"):
+      helper(params, state)
