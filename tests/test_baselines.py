@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import reference
 from dessilbi_jax import baselines
 
 
@@ -32,17 +33,10 @@ def _run(tx, params, steps, seed=0):
   return history, state
 
 
-def _reference_sparsity(t, s_f, t0, t1, freq, s_i=0.0):
-  if t < t0:
-    return 0.0
-  last = t1 if t >= t1 else t0 + (t - t0) // freq * freq
-  return s_f + (s_i - s_f) * (1 - (last - t0) / (t1 - t0)) ** 3
-
-
 def test_cubic_schedule_matches_closed_form():
   schedule = jax.jit(baselines.cubic_sparsity_schedule(0.9, 10, 73, initial_sparsity=0.1, frequency=7))
   for t in range(0, 120):
-    np.testing.assert_allclose(schedule(t), _reference_sparsity(t, 0.9, 10, 73, 7, 0.1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(schedule(t), reference.cubic_sparsity(t, 0.9, 10, 73, 7, 0.1), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize('groups,group_axes', [
@@ -63,19 +57,36 @@ def test_gmp_hits_sparsity_exactly_per_layer(groups, group_axes):
 
 
 def test_gmp_masks_smallest_magnitudes_and_pruned_weights_stay_zero():
+  """Against GMP in NumPy (SGD-momentum on the masked gradients; at each pruning step the smallest-norm
+  groups of the masked proposal go): the masks and the params at every step, pruning steps at s > 0."""
   params = _params()
-  inner = optax.sgd(0.05, momentum=0.9)
-  tx = baselines.gmp(inner, 0.6, begin_step=0, end_step=8, frequency=4)
+  lr, beta, s_f, t0, t1, freq = 0.05, 0.9, 0.6, 0, 8, 4
+  tx = baselines.gmp(optax.sgd(lr, momentum=beta), s_f, begin_step=t0, end_step=t1, frequency=freq)
   history, _ = _run(tx, params, 16)
-  # At step 0 the mask is the magnitude ranking of the inner optimizer's proposal.
-  rng = np.random.default_rng(0)
-  grads = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), w.dtype), params)
-  proposal = optax.apply_updates(params, inner.update(grads, inner.init(params), params)[0])
-  dense = np.abs(np.asarray(proposal['Dense_0']['kernel'])).ravel()
-  s0 = _reference_sparsity(0, 0.6, 0, 8, 4)
-  expected_zero = np.argsort(dense, kind='stable')[:round(s0 * dense.size)]
-  got = np.asarray(history[0]['Dense_0']['kernel']).ravel()
-  assert set(np.flatnonzero(got == 0)) == set(expected_zero)
+  kinds = {'Conv_0/kernel': 'filter', 'Conv_0/bias': None, 'Dense_0/kernel': 'lasso'}
+  flat = lambda tree: {f'{layer}/{name}': np.asarray(v, np.float64) for layer, leaves in tree.items()
+                       for name, v in leaves.items()}
+  w, rng = flat(params), np.random.default_rng(0)
+  b = {p: np.zeros_like(v) for p, v in w.items()}
+  mask = {p: np.ones(v.shape, bool) for p, v in w.items()}
+  pruning_steps = []
+  for t, got in enumerate(history):
+    grads = flat(jax.tree.map(lambda v: rng.normal(size=v.shape), params))   # _run's draw order
+    s_t = reference.cubic_sparsity(t, s_f, t0, t1, freq)
+    is_pruning_step = t0 <= t <= t1 and ((t - t0) % freq == 0 or t == t1)
+    for p, kind in kinds.items():
+      b[p] = beta * b[p] + np.where(mask[p], grads[p], 0)
+      proposal = w[p] - lr * b[p]
+      if kind is not None and is_pruning_step:
+        mask[p] = reference.magnitude_keep(np.where(mask[p], proposal, 0), kind, s_t)
+      w[p] = np.where(mask[p], proposal, 0)
+    if is_pruning_step and s_t > 0:
+      pruning_steps.append(t)
+    for p, value in flat(got).items():
+      np.testing.assert_array_equal(value == 0, w[p] == 0, err_msg=f'step {t}: {p}')
+      np.testing.assert_allclose(value, w[p], rtol=1e-5, atol=1e-6, err_msg=f'step {t}: {p}')
+  assert pruning_steps == [4, 8]   # the ranking was tested where groups were removed
+  assert np.count_nonzero(np.all(w['Conv_0/kernel'] == 0, axis=(0, 1, 2))) == round(s_f * 8)
   # A weight pruned stays exactly zero through later pruning steps and fine-tuning.
   for before, after in zip(history, history[1:]):
     for layer in ('Conv_0', 'Dense_0'):
@@ -132,11 +143,6 @@ def test_gmp_bad_input():
     baselines.gmp(optax.sgd(0.1), 0.5, begin_step=0, end_step=5, scope='net')
 
 
-def _numpy_group_prox(w, lam, axes):
-  norm = np.sqrt(np.sum(w ** 2, axis=axes, keepdims=True)) if axes else np.abs(w)
-  return w * np.maximum(0.0, 1.0 - lam / np.maximum(norm, 1e-30))
-
-
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_prox_group_lasso_matches_closed_form(nesterov):
   params = _params()
@@ -147,7 +153,7 @@ def test_prox_group_lasso_matches_closed_form(nesterov):
   rng = np.random.default_rng(3)
   w = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in params.items()}
   buf = {k: {n: np.zeros_like(v) for n, v in layer.items()} for k, layer in w.items()}
-  axes = {'Conv_0': {'kernel': (0, 1, 2), 'bias': None}, 'Dense_0': {'kernel': ()}}
+  kinds = {'Conv_0': {'kernel': 'filter', 'bias': None}, 'Dense_0': {'kernel': 'lasso'}}
   for step in range(2):
     grads = jax.tree.map(lambda v: rng.normal(size=v.shape), params)   # same draw order as _run
     for layer in w:
@@ -156,8 +162,8 @@ def test_prox_group_lasso_matches_closed_form(nesterov):
         buf[layer][name] = beta * buf[layer][name] + g
         d = g + beta * buf[layer][name] if nesterov else buf[layer][name]
         proposal = w[layer][name] - lr * d
-        a = axes[layer][name]
-        w[layer][name] = proposal if a is None else _numpy_group_prox(proposal, lr * lam, a)
+        kind = kinds[layer][name]
+        w[layer][name] = proposal if kind is None else reference.prox(proposal, kind, lr * lam)
     for layer in w:
       for name in w[layer]:
         np.testing.assert_allclose(history[step][layer][name], w[layer][name], rtol=1e-5, atol=1e-6)

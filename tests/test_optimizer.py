@@ -13,101 +13,9 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
+import reference
 from dessilbi_jax import cpu_schedule
 from dessilbi_jax import prox
-
-# ----------------------------------------------------------------------------------------------
-# The reference: ALGORITHM.md in plain NumPy (float64, explicit loops over the groups).
-# Nothing here comes from dessilbi_jax; the keepdims per-group shapes are the documented ones.
-
-
-def _groups_of(kind, shape):
-  """Pairs (index of the group's entries in the leaf, index of the group in the per-group array)."""
-  if kind == 'filter':
-    return [((..., o), (0,) * (len(shape) - 1) + (o,)) for o in range(shape[-1])]
-  if kind == 'neuron':
-    return [((slice(None), o), (0, o)) for o in range(shape[1])]
-  if kind == 'input':
-    return [((i, slice(None)), (i, 0)) for i in range(shape[0])]
-  if kind == 'head':
-    return [((slice(None), h, slice(None)), (0, h, 0)) for h in range(shape[1])]
-  raise AssertionError(kind)
-
-
-def _per_group_shape(kind, shape):
-  return {
-      'lasso': tuple(shape),
-      'filter': (1,) * (len(shape) - 1) + (shape[-1],),
-      'neuron': (1, shape[1]),
-      'input': (shape[0], 1),
-      'head': (1, shape[1], 1),
-  }[kind]
-
-
-def _reference_prox(z, kind, lam, normalize):
-  """prox_λ(z): soft threshold for lasso, group soft-thresholding group by group otherwise."""
-  if kind == 'lasso':
-    return np.sign(z) * np.maximum(np.abs(z) - lam, 0.0)
-  out = np.zeros_like(z)
-  for index, _ in _groups_of(kind, z.shape):
-    z_g = z[index]
-    norm = np.sqrt(np.sum(z_g ** 2))
-    if normalize:
-      norm /= np.sqrt(z_g.size)
-    out[index] = z_g * max(0.0, 1.0 - lam / norm) if norm > 0 else 0.0
-  return out
-
-
-def _reference_nonzero_groups(gamma, kind):
-  if kind == 'lasso':
-    return gamma != 0
-  flags = np.zeros(_per_group_shape(kind, gamma.shape), bool)
-  for index, position in _groups_of(kind, gamma.shape):
-    flags[position] = np.any(gamma[index] != 0)
-  return flags
-
-
-def _reference_init(params, kinds):
-  """State as dicts keyed by leaf path: W, b, Z, Γ, entry step (Z, Γ, entry only on structured leaves)."""
-  state = dict(count=0, w={}, b={}, z={}, gamma={}, entry={})
-  for path, w in params.items():
-    state['w'][path] = np.asarray(w, np.float64)
-    state['b'][path] = np.zeros(w.shape)
-    if kinds[path] is not None:
-      state['z'][path] = np.zeros(w.shape)
-      state['gamma'][path] = np.zeros(w.shape)
-      state['entry'][path] = np.full(_per_group_shape(kinds[path], w.shape), -1)
-  return state
-
-
-def _reference_step(state, grads, *, kinds, alpha, kappa, mu, momentum, nesterov, weight_decay,
-                    lambdas, normalize):
-  """One step k -> k+1 of ALGORITHM.md; ``alpha`` a number or a function of k, ``lambdas`` a number
-  or a mapping {kind: λ}."""
-  k = state['count']
-  alpha = alpha(k) if callable(alpha) else alpha
-  new = dict(count=k + 1, w={}, b={}, z={}, gamma={}, entry={})
-  for path, w in state['w'].items():
-    g = np.asarray(grads[path], np.float64)
-    if w.ndim >= 2:
-      g = g + weight_decay * w
-    b = momentum * state['b'][path] + g
-    d = g + momentum * b if nesterov else b
-    new['b'][path] = b
-    kind = kinds[path]
-    if kind is None:
-      new['w'][path] = w - alpha * kappa * d
-      continue
-    gam = state['gamma'][path]
-    new['w'][path] = w - alpha * kappa * (d + (w - gam) / mu)
-    new['z'][path] = state['z'][path] + alpha / mu * (w - gam)
-    lam = lambdas[kind] if isinstance(lambdas, dict) else lambdas
-    new['gamma'][path] = kappa * _reference_prox(new['z'][path], kind, lam, normalize)
-    entry = state['entry'][path].copy()
-    entry[(entry < 0) & _reference_nonzero_groups(new['gamma'][path], kind)] = k + 1
-    new['entry'][path] = entry
-  return new
-
 
 # ----------------------------------------------------------------------------------------------
 # A LeNet-shaped parameter tree (plus an attention projection for `head`) and random gradients.
@@ -198,9 +106,9 @@ def _step_hyper(hyper):
 
 def _reference_run(params, grads, **hyper):
   kinds = _kinds(params, hyper.get('groups'))
-  state = _reference_init(params, kinds)
+  state = reference.dessilbi_init(params, kinds)
   for g in grads:
-    state = _reference_step(state, g, kinds=kinds, **_step_hyper(hyper))
+    state = reference.dessilbi_step(state, g, kinds=kinds, **_step_hyper(hyper))
   return state
 
 
@@ -483,14 +391,14 @@ def test_inject_hyperparams_follows_changes_of_the_state():
   lib_params = _nest({p: jnp.asarray(w) for p, w in params.items()})
   state = tx.init(lib_params)
   kinds = _kinds(params, None)
-  ref = unchanged = _reference_init(params, kinds)
+  ref = unchanged = reference.dessilbi_init(params, kinds)
   for k, g in enumerate(grads):
     if k == 10:
       state.hyperparams.update({name: jnp.asarray(value, jnp.float32) for name, value in dict(
           learning_rate=0.2, kappa=2.0, mu=1.0, momentum=0.5, lambdas=0.2).items()})
     lib_params, state = step(lib_params, state, _nest(g))
-    ref = _reference_step(ref, g, kinds=kinds, **_step_hyper(after if k >= 10 else before))
-    unchanged = _reference_step(unchanged, g, kinds=kinds, **_step_hyper(before))
+    ref = reference.dessilbi_step(ref, g, kinds=kinds, **_step_hyper(after if k >= 10 else before))
+    unchanged = reference.dessilbi_step(unchanged, g, kinds=kinds, **_step_hyper(before))
   _assert_some_but_not_all_entered(ref)
   _assert_matches_reference(lib_params, state.inner_state, ref)
   # Not vacuous: the change moved the path.

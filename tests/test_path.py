@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
+import reference
 
 _LAMBDAS = {'lasso': 0.2, 'filter': 1.2}
 
@@ -83,22 +84,6 @@ def _leaf(tree, path):
   return None if isinstance(value, optax.MaskedNode) else value
 
 
-def _numpy_prox(z, kind, lam, normalize=False):
-  if kind == 'lasso':
-    return np.sign(z) * np.maximum(np.abs(z) - lam, 0)
-  out = np.zeros_like(z)
-  for o in range(z.shape[-1]):
-    norm = np.linalg.norm(z[..., o]) / (np.sqrt(z[..., o].size) if normalize else 1)
-    out[..., o] = z[..., o] * max(0.0, 1 - lam / norm) if norm > 0 else 0
-  return out
-
-
-def _nonzero_groups(gamma, kind):
-  if kind == 'lasso':
-    return gamma != 0
-  return np.array([np.any(gamma[..., o] != 0) for o in range(gamma.shape[-1])])
-
-
 WRAPPERS = ['plain', 'chained', 'injected', 'masked', 'partition']
 
 
@@ -134,12 +119,12 @@ def test_helpers_read_the_states_own_arrays(name, runs):
     np.testing.assert_array_equal(_leaf(z, path), _leaf(owner.z, path))
     np.testing.assert_array_equal(_leaf(entry, path), _leaf(owner.entry_step, path))
     # Γ = κ·prox_λ(Z) with this leaf's own λ (under partition: its own transformation's).
-    np.testing.assert_allclose(g, _numpy_prox(np.asarray(_leaf(z, path)), kind, _LAMBDA_OF[name][path],
+    np.testing.assert_allclose(g, reference.prox(np.asarray(_leaf(z, path)), kind, _LAMBDA_OF[name][path],
                                            normalize=name == 'injected'),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(_leaf(support, path), g != 0)
     np.testing.assert_array_equal(_leaf(sparse, path), np.where(g != 0, w, 0))
-    in_support = _nonzero_groups(g, kind)
+    in_support = reference.nonzero_groups(g, kind)
     assert 0 < in_support.sum() < in_support.size, f'{path}: vacuous, {in_support.sum()} in support'
     assert summary[path] == dict(kind=kind, groups=in_support.size, groups_in_support=int(in_support.sum()),
                                  weights=w.size, weights_kept=int(np.count_nonzero(g)))
