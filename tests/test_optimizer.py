@@ -153,6 +153,7 @@ REFERENCE_CASES = {
     'plain': dict(momentum=0.0),
     'momentum_weight_decay': dict(weight_decay=0.005),
     'nesterov': dict(nesterov=True),
+    'nesterov_weight_decay': dict(nesterov=True, weight_decay=0.005),
     'every_kind': dict(groups=_EVERY_KIND, weight_decay=0.005),
     'every_kind_normalized': dict(groups=_EVERY_KIND, normalize=True, nesterov=True, kappa=2.0,
                                   lambdas=_LAMBDAS_NORMALIZED),
@@ -177,6 +178,20 @@ def test_matches_reference(case):
   final_params, state = _library_run(_library_tx(hyper), params, grads)
   ref = _reference_run(params, grads, **hyper)
   _assert_some_but_not_all_entered(ref)
+  _assert_matches_reference(final_params, state, ref)
+
+
+def test_matches_reference_past_the_sequencing_threshold():
+  """Two leaves of 2¹⁸ weights or more (updated one after the other on the CPU) among small ones."""
+  shapes = {'Conv_big': {'kernel': (3, 3, 64, 512)}, 'Dense_big': {'kernel': (512, 512)}, **_SMALL_SHAPES}
+  assert min(np.prod(s['kernel']) for k, s in shapes.items() if k.endswith('big')) >= cpu_schedule.SEQUENTIAL_MIN_SIZE
+  hyper = _hyper(mu=2.0, weight_decay=0.005, lambdas={'lasso': 0.2, 'filter': 4.0})
+  params, grads = _lenet_problem(steps=15, shapes=shapes)
+  final_params, state = _library_run(_library_tx(hyper), params, grads)
+  ref = _reference_run(params, grads, **hyper)
+  for path in ('Conv_big/kernel', 'Dense_big/kernel'):
+    entered = np.count_nonzero(ref['entry'][path] > 0)
+    assert 0 < entered < ref['entry'][path].size, (path, entered)
   _assert_matches_reference(final_params, state, ref)
 
 
@@ -441,15 +456,56 @@ def test_dtypes_follow_params_unless_state_dtype_is_given(dtype, state_dtype):
   for field in (state.momentum, state.z, state.gamma):
     assert {x.dtype for x in jax.tree.leaves(field)} == {jnp.dtype(expected)}
   assert {x.dtype for x in jax.tree.leaves(state.entry_step)} == {jnp.dtype(jnp.int32)}
-  # The low-precision run follows the float32 one.
-  params32, grads32 = _small_params()
-  state32 = tx.init(params32)
-  for g in grads32:
-    updates, state32 = step(g, state32, params32)
-    params32 = optax.apply_updates(params32, updates)
-  assert any(bool(s.any()) for s in jax.tree.leaves(dl.support(state32)))
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x.astype(jnp.float32), state.gamma), state32.gamma,
-                              atol=2e-2, rtol=2e-2)
+
+
+_LOW_PRECISION_HYPER = _hyper(mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.6})
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('state_dtype', [None, jnp.float32])
+def test_low_precision_matches_reference_within_its_epsilon(dtype, state_dtype):
+  """bf16/f16 params, state in their dtype or float32, against the float64 reference that rounds W
+  (and the state) to the same dtype after each step: every value within 4·eps of its leaf's scale,
+  after 30 steps in which conv filters and single weights enter Γ's support."""
+  params, grads = _small_problem(steps=30)
+  cast = lambda tree: {p: np.asarray(x).astype(dtype) for p, x in tree.items()}
+  params, grads = cast(params), [cast(g) for g in grads]
+  tx = dl.dessilbi(0.1, mu=2.0, lambdas=_LOW_PRECISION_HYPER['lambdas'], state_dtype=state_dtype)
+  final_params, state = _library_run(tx, params, grads)
+  ref = _reference_run({p: x.astype(np.float64) for p, x in params.items()},
+                       [{p: x.astype(np.float64) for p, x in g.items()} for g in grads], **_LOW_PRECISION_HYPER,
+                       param_dtype=np.dtype(dtype), state_dtype=None if state_dtype else np.dtype(dtype))
+  _assert_some_but_not_all_entered(ref)
+  eps = float(jnp.finfo(dtype).eps)
+  got = {'W': _flat(final_params), 'Z': _flat(state.z), 'Γ': _flat(state.gamma), 'b': _flat(state.momentum)}
+  for name, key in (('W', 'w'), ('Z', 'z'), ('Γ', 'gamma'), ('b', 'b')):
+    for path, expected in ref[key].items():
+      np.testing.assert_allclose(np.asarray(got[name][path], np.float64), expected, rtol=0,
+                                 atol=4 * eps * np.max(np.abs(expected)), err_msg=f'{name} {path}')
+  entry = _flat(state.entry_step)
+  np.testing.assert_array_equal(entry['Conv_0/kernel'], ref['entry']['Conv_0/kernel'])
+  # A single weight enters when |Z| > λ: within rounding of λ the step can differ, for a few.
+  assert np.mean(entry['Dense_0/kernel'] != ref['entry']['Dense_0/kernel']) <= 0.03
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_z_update_reads_the_stored_gamma(dtype):
+  """One Γ_k for both halves of the step: with bf16/f16 state, Z_{k+1} is Z_k + α·((W_k − Γ_k)/ν)
+  with the stored Γ_k to the bit, on lasso leaves (Γ_k rebuilt from Z_k) as on filter leaves (s_k·Z_k)."""
+  params, grads = _small_problem(steps=20)
+  cast = lambda tree: _nest({p: jnp.asarray(x, dtype) for p, x in tree.items()})
+  params, grads = cast(params), [cast(g) for g in grads]
+  tx = dl.dessilbi(0.1, kappa=2.0, mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.6})
+  step = jax.jit(tx.update)
+  z_update = jax.jit(lambda z, w, gam: z + 0.1 * ((w - gam) / 2.0))
+  state = tx.init(params)
+  for g in grads:
+    updates, new_state = step(g, state, params)
+    for layer in ('Conv_0', 'Dense_0'):
+      expected = z_update(state.z[layer]['kernel'], params[layer]['kernel'], state.gamma[layer]['kernel'])
+      np.testing.assert_array_equal(new_state.z[layer]['kernel'], expected, err_msg=layer)
+    params, state = optax.apply_updates(params, updates), new_state
+  assert all(bool(jnp.any(s)) for s in jax.tree.leaves(dl.support(state)))
 
 
 @pytest.mark.parametrize('make', ['plain', 'injected'])
