@@ -9,7 +9,8 @@ DessiLBI (Fu et al., ICML 2020) as an Optax gradient transformation::
   dl.support(state)            # which filters / weights are in Γ's support
 
 Submodules: ``grouping`` (the grouping rule), ``prox`` (proximal maps),
-``optimizer`` (the update rule), ``path`` (reading the path off the state),
+``optimizer`` (the update rule), ``cpu_schedule`` (the order of its writes
+on the CPU), ``path`` (reading the path off the state),
 ``models``, ``data``, ``train``, ``baselines`` (import them by name).
 """
 

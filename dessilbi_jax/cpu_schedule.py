@@ -42,12 +42,16 @@ SEQUENTIAL_MIN_SIZE = 2 ** 18
 def token(x: jax.Array) -> jax.Array:
   """A scalar that exists only once the buffer holding ``x`` has been written.
 
-  The sum of the first row of ``x`` (``x[0, ..., 0, :]``): XLA gives a
+  Of an array that is its own first row (the per-group norms of filters or
+  neurons, a reduction's own output), its first entry. Of a whole buffer, the
+  sum of its first row (``x[0, ..., 0, :]``): XLA gives a
   reduction its own fusion that reads the written buffer (it does not recompute
   a shared producer inside it), so the edge costs a row of loads, not a pass;
   and under ``jax.jit`` with sharded params it is one scalar all-reduce whatever
   axis is sharded (a slice of the flattened array would all-gather it).
   """
+  if jnp.ndim(x) >= 2 and jnp.size(x) == jnp.shape(x)[-1]:
+    return x[(0,) * x.ndim].astype(jnp.float32)
   return jnp.sum(x[(0,) * (x.ndim - 1)], dtype=jnp.float32)
 
 

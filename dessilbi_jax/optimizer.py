@@ -12,6 +12,9 @@ One step k -> k+1 (notation of ``ALGORITHM.md``; α the learning rate, κ
   W_{k+1} = W_k − α·κ·(d_k + (W_k − Γ_k)/ν)     (leaves without structure: W_k − α·κ·d_k)
   Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
   Γ_{k+1} = κ·prox_λ(Z_{k+1})                   (Z_0 = Γ_0 = 0)
+
+The maths of one leaf is :func:`leaf_update`; the order of its writes on XLA's
+CPU backend (zero-valued data edges) is :mod:`dessilbi_jax.cpu_schedule`.
 """
 
 from __future__ import annotations
@@ -147,7 +150,8 @@ def leaf_update(g, b, w, z, gam, scale, entry, kind, *, hyper: _StepHyper, after
     return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None, None, None
   # λ in one dtype (at least float32) for every use, so both halves of the step see one Γ_k.
   lam = jnp.asarray(h.lambdas[kind], jnp.promote_types(dtype, jnp.float32))
-  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed=_is_number(h.kappa) and _is_number(h.lambdas[kind]))
+  fixed = _is_number(h.kappa) and _is_number(h.lambdas[kind])   # not changed by inject_hyperparams
+  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed)
   z = z + h.alpha * ((w - gam_k) / h.mu)                  # Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
   norms = prox.group_norms(z, kind, h.normalize)
   step = after(-h.alpha * h.kappa * (d + (w - gam) / h.mu), norms)   # W_{k+1} − W_k, W written after Z
