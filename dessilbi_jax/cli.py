@@ -45,7 +45,7 @@ _TRAIN_FLAGS = {
     '--kappa': ('kappa', float, 'DessiLBI damping κ (default 1)'),
     '--mu': ('mu', float, 'DessiLBI coupling ν (default 20)'),
     '--lambda': ('lambdas', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
-                                 'lasso=0.03 (digits 0.2, mnist1d 0.1)'),
+                                 'lasso=0.03; kinds not named keep the preset\'s (digits 0.2, mnist1d 0.1)'),
     '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
     '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖ (default 0.001)'),
     '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
@@ -122,12 +122,16 @@ def _train(args, train) -> None:
   for field in ('lr_decay_epochs', 'widths'):
     if field in given:
       given[field] = tuple(given[field]) or (None if field == 'widths' else ())
-  if 'lambdas' in given:
-    given['lambdas'] = _lambdas(given['lambdas'])
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the run to continue.')
-    cfg = dataclasses.replace(train.load_config(args.out), **given)
+    base = train.load_config(args.out)
+  else:
+    base = train.preset(given.get('dataset', 'digits'), **({'optimizer': given['optimizer']} if 'optimizer' in given else {}))
+  if 'lambdas' in given:
+    given['lambdas'] = _lambdas(given['lambdas'], base.lambdas)
+  if args.resume:
+    cfg = dataclasses.replace(base, **given)
   else:
     cfg = train.preset(given.pop('dataset', 'digits'), **given)
   if args.distributed:
@@ -143,15 +147,25 @@ def _train(args, train) -> None:
           f'{sparse}. Wrote {out}/ (metrics.jsonl, path.npz, plots/, checkpoints/).')
 
 
-def _lambdas(words: Sequence[str]):
-  """``['0.3']`` -> 0.3; ``['filter=1', 'lasso=0.03']`` -> ``(('filter', 1.0), ('lasso', 0.03))``."""
+# The kinds of the trainer's grouping (conv kernels by filter, dense kernels by weight).
+_TRAINED_KINDS = ('filter', 'lasso')
+
+
+def _lambdas(words: Sequence[str], preset):
+  """``['0.3']`` -> 0.3; ``['filter=1', 'lasso=0.03']`` -> ``(('filter', 1.0), ('lasso', 0.03))``.
+
+  Kinds not named keep the ``preset`` λ (``['filter=1']`` with a preset of 0.2:
+  ``(('filter', 1.0), ('lasso', 0.2))``).
+  """
   try:
     if len(words) == 1 and '=' not in words[0]:
       return float(words[0])
     pairs = [word.split('=') for word in words]
     if not pairs or any(len(pair) != 2 for pair in pairs):
       raise ValueError
-    return tuple((kind, float(lam)) for kind, lam in pairs)
+    named = {kind: float(lam) for kind, lam in pairs}
+    before = dict(preset) if isinstance(preset, tuple) else {kind: preset for kind in _TRAINED_KINDS}
+    return tuple(sorted({**before, **named}.items()))
   except ValueError:
     raise ValueError(f'--lambda takes one number or kind=λ pairs (e.g. --lambda filter=1 lasso=0.03), '
                      f'got {" ".join(words)!r}.') from None

@@ -103,14 +103,17 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
       stack.enter_context(files.locked(run_dir))
       if not resume:
         files.check_new(run_dir)   # again, now that the lock keeps other runs out
+    restart = False
     if resume:
       files.check_resumable(run_dir, cfg)
-      resume = bool(checkpoint.saved_epochs(run_dir / 'checkpoints'))
-      if not resume:
+      restart = not checkpoint.saved_epochs(run_dir / 'checkpoints')
+      if restart:
         say(f'{run_dir} holds a run that stopped before its first checkpoint: starting it again from epoch 1.')
+        if writer:
+          files.remove_new_files(run_dir, existed=True, keep=('config.json',))
     try:
-      return _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, trainables, fall_back,
-                  writer, steps_per_epoch, say)
+      return _fit(cfg, run_dir, resume and not restart, tx, masks, init_params, quiet, extensions, trainables,
+                  fall_back, writer, steps_per_epoch, say)
     except BaseException:
       if writer and not resume and not checkpoint.saved_epochs(run_dir / 'checkpoints'):
         files.remove_new_files(run_dir, existed)
@@ -247,7 +250,12 @@ def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
                 'No older checkpoint is kept: start the run again in a new directory.')
         raise checkpoint.CheckpointError(f'{e} {hint}') from e
       errors.append(f'epoch {epoch}: {e}')
-      say(f'Skipping the checkpoint of epoch {epoch}: {e}')
+      # Kept for inspection, out of the way of the checkpoint this epoch will get again.
+      aside = run_dir / 'damaged' / f'checkpoint-{epoch}-{time.strftime("%Y%m%d-%H%M%S")}'
+      if jax.process_index() == 0:
+        aside.parent.mkdir(exist_ok=True)
+        (directory / str(epoch)).rename(aside)
+      say(f'Skipping the checkpoint of epoch {epoch}: {e} Moved it to {aside}.')
       continue
     if errors:
       say(f'Using the checkpoint of epoch {epoch}, the newest that passed its checksums.')

@@ -193,13 +193,13 @@ def _alive(holder: dict[str, Any]) -> bool:
   return True
 
 
-def remove_new_files(run_dir: pathlib.Path, existed: bool) -> None:
+def remove_new_files(run_dir: pathlib.Path, existed: bool, keep: tuple[str, ...] = ()) -> None:
   """Undoes a run that failed before its first checkpoint: the directory as it was found."""
   if not existed:
     shutil.rmtree(run_dir, ignore_errors=True)
     return
   for p in run_dir.iterdir():
-    if p.name != LOCK:
+    if p.name not in (LOCK, *keep):
       shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
