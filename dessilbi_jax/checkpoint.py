@@ -145,7 +145,8 @@ def save_tree(path, tree) -> None:
   checkpointer.save(path, tree)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  (path / _CHECKSUMS).write_text(json.dumps(checksums(tree)))
+  if jax.process_index() == 0:
+    (path / _CHECKSUMS).write_text(json.dumps(checksums(tree)))
 
 
 def load_tree(path, target):

@@ -77,7 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='with --resume: if the last checkpoint fails its checksums, resume from the newest one '
                         'that passes (the damaged ones stay on disk)')
   run.add_argument('--distributed', action='store_true',
-                   help='call jax.distributed.initialize() first (one process per host)')
+                   help='one process per host: call jax.distributed.initialize() first; on TPU pods, SLURM and '
+                        'Open MPI it finds the others itself, elsewhere give the three flags below')
+  run.add_argument('--coordinator-address', default=None, metavar='HOST:PORT',
+                   help='with --distributed: process 0\'s address, the same on every process (e.g. 10.0.0.1:1234)')
+  run.add_argument('--num-processes', type=int, default=None, metavar='N',
+                   help='with --distributed: the number of processes')
+  run.add_argument('--process-id', type=int, default=None, metavar='I',
+                   help='with --distributed: this process\'s index, 0 .. N-1 (process 0 writes the files)')
   run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
 
   ticket = commands.add_parser('ticket', help="retrain the support of Γ at an epoch of a run",
@@ -135,8 +142,9 @@ def _train(args, train) -> None:
   else:
     cfg = train.preset(given.pop('dataset', 'digits'), **given)
   if args.distributed:
-    import jax
-    jax.distributed.initialize()
+    _initialize_distributed(args)
+  elif any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
+    raise ValueError('--coordinator-address, --num-processes and --process-id go with --distributed.')
   out = args.out or f'runs/{cfg.model}-{cfg.dataset}-{cfg.optimizer}-{time.strftime("%Y%m%d-%H%M%S")}'
   start = time.perf_counter()
   result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
@@ -181,3 +189,18 @@ def _ticket(args, train) -> None:
           f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
           f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
           f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')
+
+
+def _initialize_distributed(args) -> None:
+  """``jax.distributed.initialize`` with the flags given (the others found from the environment)."""
+  import jax
+  if args.num_processes is not None and args.num_processes < 1:
+    raise ValueError(f'--num-processes must be >= 1, got {args.num_processes}.')
+  if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+    raise ValueError(f'--process-id must be in 0 .. --num-processes - 1, got {args.process_id}.')
+  try:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise ValueError(f'--distributed could not start: {e} Outside TPU pods, SLURM and Open MPI give '
+                     '--coordinator-address HOST:PORT --num-processes N --process-id I.') from e

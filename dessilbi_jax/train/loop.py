@@ -93,16 +93,18 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
 
   with contextlib.ExitStack() as stack:
     existed = run_dir is not None and run_dir.is_dir()
-    if writer:
-      if resume and not (run_dir / 'config.json').is_file():
-        raise FileNotFoundError(f'Nothing to resume in {run_dir}: it holds no run (no config.json). '
-                                'Start it without --resume.')
-      if not resume:
-        files.check_new(run_dir)
-      run_dir.mkdir(parents=True, exist_ok=True)
-      stack.enter_context(files.locked(run_dir))
-      if not resume:
-        files.check_new(run_dir)   # again, now that the lock keeps other runs out
+    # Process 0 alone decides whether the directory can take the run; the others wait for its answer.
+    with _decided_by_process_0(run_dir is not None):
+      if writer:
+        if resume and not (run_dir / 'config.json').is_file():
+          raise FileNotFoundError(f'Nothing to resume in {run_dir}: it holds no run (no config.json). '
+                                  'Start it without --resume.')
+        if not resume:
+          files.check_new(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(files.locked(run_dir))
+        if not resume:
+          files.check_new(run_dir)   # again, now that the lock keeps other runs out
     restart = False
     if resume:
       files.check_resumable(run_dir, cfg)
@@ -230,6 +232,23 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
     files.write_plots(run_dir, history, path.entry_steps, steps_per_epoch, ticket=masks is not None)
   return TrainResult(state.params, state.batch_stats, state.opt_state, init_params, history, state,
                      None if widths is None else tuple(widths), resumed_from)
+
+
+@contextlib.contextmanager
+def _decided_by_process_0(needed: bool):
+  """Runs the block on every process, then tells all whether process 0's run of it succeeded."""
+  if not needed or jax.process_count() == 1:
+    yield
+    return
+  from jax.experimental import multihost_utils
+  try:
+    yield
+  except BaseException:
+    if jax.process_index() == 0:
+      multihost_utils.broadcast_one_to_all(np.int32(1))
+    raise
+  if int(multihost_utils.broadcast_one_to_all(np.int32(0))):
+    raise ValueError('Process 0 could not start the run in its directory; its error says why.')
 
 
 def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
