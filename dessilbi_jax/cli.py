@@ -30,9 +30,9 @@ from typing import Optional, Sequence
 
 _TRAIN_FLAGS = {
     # flag: (TrainConfig field, type, help)
-    '--dataset': ('dataset', str, "dataset name (dessilbi_jax.data.DATASETS; default digits); picks the "
+    '--dataset': ('dataset', str, "dataset name (listed below; default digits); picks the "
                   "preset that every other flag defaults to (train.PRESETS)"),
-    '--model': ('model', str, 'model name (dessilbi_jax.models.list_models(); digits: lenet, mnist1d: conv1d)'),
+    '--model': ('model', str, 'model name (listed below; digits: lenet, mnist1d: conv1d)'),
     '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured or prox_group_lasso'),
     '--epochs': ('epochs', int, 'total epochs (digits 60, mnist1d 30); with --resume: the new total'),
     '--batch-size': ('batch_size', int, 'global batch size, a multiple of the device count (default 64)'),
@@ -57,11 +57,18 @@ _LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambdas')
 
 
 def build_parser() -> argparse.ArgumentParser:
+  import dessilbi_jax
+  from dessilbi_jax import models
+  from dessilbi_jax.data import datasets
+  names = (f'datasets: {", ".join(datasets.DATASETS)}; models: {", ".join(models.list_models())} '
+           '(lenet = lenet5)')
   parser = argparse.ArgumentParser(
-      prog='dessilbi', description='Train with DessiLBI and retrain the sparse structures it finds.')
+      prog='dessilbi', description='Train with DessiLBI and retrain the sparse structures it finds.',
+      epilog=names)
+  parser.add_argument('--version', action='version', version=f'dessilbi-jax {dessilbi_jax.__version__}')
   commands = parser.add_subparsers(dest='command', required=True)
 
-  run = commands.add_parser('train', help='train a model, recording the path of Γ',
+  run = commands.add_parser('train', help='train a model, recording the path of Γ', epilog=names,
                             description='Train a model data-parallel over all local devices.')
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
     run.add_argument(flag, dest=field, type=kind, default=None, help=text,
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='with --distributed: the number of processes')
   run.add_argument('--process-id', type=int, default=None, metavar='I',
                    help='with --distributed: this process\'s index, 0 .. N-1 (process 0 writes the files)')
-  run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
+  run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
 
   ticket = commands.add_parser('ticket', help="retrain the support of Γ at an epoch of a run",
                                description='Retrain the sparse structure found at an epoch of a run '
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
   ticket.add_argument('--lr', type=float, default=None, help="learning rate (default: the run's)")
   ticket.add_argument('--out', default=None, help='output directory (default RUN/ticket-epoch<E>-<init>)')
   ticket.add_argument('--resume', action='store_true', help='continue an interrupted retraining')
-  ticket.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
+  ticket.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
   return parser
 
 
@@ -148,11 +155,30 @@ def _train(args, train) -> None:
   out = args.out or f'runs/{cfg.model}-{cfg.dataset}-{cfg.optimizer}-{time.strftime("%Y%m%d-%H%M%S")}'
   start = time.perf_counter()
   result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
-  if not args.quiet and result.history:
-    last = result.history[-1]
-    sparse = '' if last['sparse_test_acc'] is None else f', sparse {100 * last["sparse_test_acc"]:.1f}%'
-    print(f'Done in {time.perf_counter() - start:.0f} s: test accuracy dense {100 * last["dense_test_acc"]:.1f}%'
-          f'{sparse}. Wrote {out}/ (metrics.jsonl, path.npz, plots/, checkpoints/).')
+  if result.history:   # under --quiet too: the one thing a log must end with
+    print(_summary(result.history, out, time.perf_counter() - start, train))
+
+
+def _summary(history, out, seconds: float, train) -> str:
+  """Final accuracies, the support kept, where the files are, and the next command."""
+  last = history[-1]
+  percent = lambda v: f'{100 * v:.1f}%'
+  lines = [f'Done in {seconds:.0f} s, {last["epoch"]} epochs: test accuracy dense {percent(last["dense_test_acc"])}']
+  if last['sparse_test_acc'] is not None:
+    filters = [(r['groups_in_support'], r['groups']) for r in last['per_leaf'].values() if r['kind'] == 'filter']
+    kept = f', filters {sum(k for k, _ in filters)}/{sum(n for _, n in filters)}' if filters else ''
+    lines[0] += (f', sparse {percent(last["sparse_test_acc"])} (W ⊙ 1[Γ≠0], keeping '
+                 f'{percent(last["weights_kept"])} of the weights{kept}).')
+  elif last['weights_kept'] is not None:
+    lines[0] += f' ({percent(last["weights_kept"])} of the weights non-zero).'
+  lines.append(f'Files in {out}/: metrics.jsonl, path.npz (the regularization path), plots/*.png, checkpoints/.')
+  epoch = train.suggest_epoch(history)
+  if epoch is not None:
+    row = next(h for h in history if h['epoch'] == epoch)
+    lines.append(f'Next, retrain the sparse structure of epoch {epoch} (the earliest whose sparse accuracy, '
+                 f'{percent(row["sparse_test_acc"])} with {percent(row["weights_kept"])} of the weights, is within '
+                 f'1 point of the end): dessilbi ticket --run {out} --epoch {epoch}')
+  return '\n'.join(lines)
 
 
 # The kinds of the trainer's grouping (conv kernels by filter, dense kernels by weight).
@@ -182,13 +208,13 @@ def _lambdas(words: Sequence[str], preset):
 def _ticket(args, train) -> None:
   report = train.retrain_ticket(args.run, args.epoch, init=args.init, epochs=args.epochs, lr=args.lr,
                                 out_dir=args.out, resume=args.resume, quiet=args.quiet)
-  if not args.quiet:
-    kept = report['params_kept'] / report['params']
-    flops = report['flops'] / report['dense_flops']
-    print(f'Ticket of epoch {report["epoch"]} ({report["init"]}), retrained {report["epochs"]} epochs: '
-          f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
-          f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
-          f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')
+  # Printed under --quiet too.
+  kept = report['params_kept'] / report['params']
+  flops = report['flops'] / report['dense_flops']
+  print(f'Ticket of epoch {report["epoch"]} ({report["init"]}), retrained {report["epochs"]} epochs: '
+        f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
+        f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
+        f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')
 
 
 def _initialize_distributed(args) -> None:

@@ -82,6 +82,7 @@ from dessilbi_jax.train.steps import build_model
 from dessilbi_jax.train.steps import evaluate
 from dessilbi_jax.train.steps import init_variables
 from dessilbi_jax.train.tickets import retrain_ticket
+from dessilbi_jax.train.tickets import suggest_epoch
 from dessilbi_jax.train.tickets import ticket_masks
 
 __all__ = (
@@ -89,5 +90,5 @@ __all__ = (
     'PRESETS', 'RegularizationPath', 'Reshaped', 'RunLockedError', 'TrainConfig', 'TrainResult',
     'TrainState', 'build_model', 'check_config', 'check_values', 'evaluate', 'fit', 'init_variables',
     'learning_rate_schedule', 'load_config', 'load_path', 'make_optimizer', 'preset', 'retrain_ticket',
-    'ticket_masks', 'write_plots',
+    'suggest_epoch', 'ticket_masks', 'write_plots',
 )

@@ -40,6 +40,24 @@ def ticket_masks(run_dir, epoch: int, params) -> Any:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
+def suggest_epoch(history, within: float = 0.01) -> Optional[int]:
+  """The earliest epoch whose sparse accuracy is within ``within`` of the last epoch's (``None``: no Γ).
+
+  Example::
+
+    >>> from dessilbi_jax import train
+    >>> rows = [{'epoch': 1, 'sparse_test_acc': 0.5}, {'epoch': 2, 'sparse_test_acc': 0.975},
+    ...         {'epoch': 3, 'sparse_test_acc': 0.98}]
+    >>> train.suggest_epoch(rows)
+    2
+  """
+  final = history[-1].get('sparse_test_acc') if history else None
+  if final is None:
+    return None
+  return next(h['epoch'] for h in history if h.get('sparse_test_acc') is not None
+              and h['sparse_test_acc'] >= final - within)
+
+
 def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optional[int] = None,
                    lr: Optional[float] = None, out_dir=None, resume: bool = False,
                    quiet: bool = False) -> dict[str, Any]:
