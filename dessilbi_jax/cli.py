@@ -7,6 +7,8 @@
                  [--out DIR] [--resume] [--seed 0] ...
   dessilbi train --dataset mnist1d          # the 1-D convnet with mnist1d's preset
   dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
+  dessilbi train --resume --out DIR [--epochs N] [--fall-back]
+  dessilbi train --distributed [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
 
 Also ``python -m dessilbi_jax``. Every training flag defaults to the value of
 the dataset's preset (:func:`dessilbi_jax.train.preset`; the defaults shown
@@ -15,8 +17,8 @@ other flag overrides one of them. ``--lambda`` takes one number or
 ``kind=λ`` pairs (``--lambda filter=1 lasso=0.03``). With ``--resume`` the
 run's saved configuration is used and only ``--epochs`` (the new total) may
 change.
-Errors in the input are reported in one line and exit with status 1 before any
-training starts; a non-finite loss stops training with status 1 and leaves the
+Errors in the input are reported in one line, naming the flag, and exit with
+status 1 before any training starts; a non-finite loss stops training with status 1 and leaves the
 last good checkpoint in place.
 """
 
