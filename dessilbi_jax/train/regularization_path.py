@@ -101,8 +101,9 @@ def _stack_padded(rows: list[np.ndarray], count: int) -> np.ndarray:
   """Rows of per-group support, padded with False to the largest shape (groups added mid-run)."""
   shape = tuple(np.max([r.shape for r in rows], axis=0))
   out = np.zeros((count, *shape), bool)
-  for i, row in enumerate(rows[-count:]):
-    out[(i, *(slice(0, n) for n in row.shape))] = row
+  first = count - len(rows)   # a leaf that appeared mid-run has no rows before
+  for i, row in enumerate(rows):
+    out[(first + i, *(slice(0, n) for n in row.shape))] = row
   return out
 
 
