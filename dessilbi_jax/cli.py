@@ -7,6 +7,8 @@
                  [--out DIR] [--resume] [--seed 0] ...
   dessilbi train --dataset mnist1d          # the 1-D convnet with mnist1d's preset
   dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
+  dessilbi train --resume --out DIR [--epochs N] [--fall-back]
+  dessilbi train --distributed [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
 
 Also ``python -m dessilbi_jax``. Every training flag defaults to the value of
 the dataset's preset (:func:`dessilbi_jax.train.preset`; the defaults shown
@@ -15,8 +17,8 @@ other flag overrides one of them. ``--lambda`` takes one number or
 ``kind=λ`` pairs (``--lambda filter=1 lasso=0.03``). With ``--resume`` the
 run's saved configuration is used and only ``--epochs`` (the new total) may
 change.
-Errors in the input are reported in one line and exit with status 1 before any
-training starts; a non-finite loss stops training with status 1 and leaves the
+Errors in the input are reported in one line, naming the flag, and exit with
+status 1 before any training starts; a non-finite loss stops training with status 1 and leaves the
 last good checkpoint in place.
 """
 
@@ -30,9 +32,9 @@ from typing import Optional, Sequence
 
 _TRAIN_FLAGS = {
     # flag: (TrainConfig field, type, help)
-    '--dataset': ('dataset', str, "dataset name (dessilbi_jax.data.DATASETS; default digits); picks the "
+    '--dataset': ('dataset', str, "dataset name (listed below; default digits); picks the "
                   "preset that every other flag defaults to (train.PRESETS)"),
-    '--model': ('model', str, 'model name (dessilbi_jax.models.list_models(); digits: lenet, mnist1d: conv1d)'),
+    '--model': ('model', str, 'model name (listed below; digits: lenet, mnist1d: conv1d)'),
     '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured or prox_group_lasso'),
     '--epochs': ('epochs', int, 'total epochs (digits 60, mnist1d 30); with --resume: the new total'),
     '--batch-size': ('batch_size', int, 'global batch size, a multiple of the device count (default 64)'),
@@ -44,8 +46,8 @@ _TRAIN_FLAGS = {
     '--weight-decay': ('weight_decay', float, 'L2 weight decay ω on kernels (default 0)'),
     '--kappa': ('kappa', float, 'DessiLBI damping κ (default 1)'),
     '--mu': ('mu', float, 'DessiLBI coupling ν (default 20)'),
-    '--lambda': ('lambda_', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
-                                 'lasso=0.03 (digits 0.2, mnist1d 0.1)'),
+    '--lambda': ('lambdas', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
+                                 'lasso=0.03; kinds not named keep the preset\'s (digits 0.2, mnist1d 0.1)'),
     '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
     '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖ (default 0.001)'),
     '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
@@ -53,15 +55,22 @@ _TRAIN_FLAGS = {
     '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
     '--keep-checkpoints': ('keep_checkpoints', int, 'how many epoch checkpoints to keep (default 3)'),
 }
-_LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambda_')
+_LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambdas')
 
 
 def build_parser() -> argparse.ArgumentParser:
+  import dessilbi_jax
+  from dessilbi_jax import models
+  from dessilbi_jax.data import datasets
+  names = (f'datasets: {", ".join(datasets.DATASETS)}; models: {", ".join(models.list_models())} '
+           '(lenet = lenet5)')
   parser = argparse.ArgumentParser(
-      prog='dessilbi', description='Train with DessiLBI and retrain the sparse structures it finds.')
+      prog='dessilbi', description='Train with DessiLBI and retrain the sparse structures it finds.',
+      epilog=names)
+  parser.add_argument('--version', action='version', version=f'dessilbi-jax {dessilbi_jax.__version__}')
   commands = parser.add_subparsers(dest='command', required=True)
 
-  run = commands.add_parser('train', help='train a model, recording the path of Γ',
+  run = commands.add_parser('train', help='train a model, recording the path of Γ', epilog=names,
                             description='Train a model data-parallel over all local devices.')
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
     run.add_argument(flag, dest=field, type=kind, default=None, help=text,
@@ -73,9 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help='no random augmentation of training batches')
   run.add_argument('--out', help='output directory (default runs/<model>-<dataset>-<optimizer>-<time>)')
   run.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
+  run.add_argument('--fall-back', action='store_true',
+                   help='with --resume: if the last checkpoint fails its checksums, resume from the newest one '
+                        'that passes (the damaged ones stay on disk)')
   run.add_argument('--distributed', action='store_true',
-                   help='call jax.distributed.initialize() first (one process per host)')
-  run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
+                   help='one process per host: call jax.distributed.initialize() first; on TPU pods, SLURM and '
+                        'Open MPI it finds the others itself, elsewhere give the three flags below')
+  run.add_argument('--coordinator-address', default=None, metavar='HOST:PORT',
+                   help='with --distributed: process 0\'s address, the same on every process (e.g. 10.0.0.1:1234)')
+  run.add_argument('--num-processes', type=int, default=None, metavar='N',
+                   help='with --distributed: the number of processes')
+  run.add_argument('--process-id', type=int, default=None, metavar='I',
+                   help='with --distributed: this process\'s index, 0 .. N-1 (process 0 writes the files)')
+  run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
 
   ticket = commands.add_parser('ticket', help="retrain the support of Γ at an epoch of a run",
                                description='Retrain the sparse structure found at an epoch of a run '
@@ -88,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
   ticket.add_argument('--lr', type=float, default=None, help="learning rate (default: the run's)")
   ticket.add_argument('--out', default=None, help='output directory (default RUN/ticket-epoch<E>-<init>)')
   ticket.add_argument('--resume', action='store_true', help='continue an interrupted retraining')
-  ticket.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
+  ticket.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
   return parser
 
 
@@ -102,6 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _train(args, train)
     else:
       _ticket(args, train)
+  except train.ConfigError as e:
+    print(f'dessilbi {args.command}: error: {e.with_flag()}', file=sys.stderr)
+    return 1
   except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
     print(f'dessilbi {args.command}: error: {e}', file=sys.stderr)
     return 1
@@ -116,36 +138,70 @@ def _train(args, train) -> None:
   for field in ('lr_decay_epochs', 'widths'):
     if field in given:
       given[field] = tuple(given[field]) or (None if field == 'widths' else ())
-  if 'lambda_' in given:
-    given['lambda_'] = _lambdas(given['lambda_'])
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the run to continue.')
-    cfg = dataclasses.replace(train.load_config(args.out), **given)
+    base = train.load_config(args.out)
+  else:
+    base = train.preset(given.get('dataset', 'digits'), **({'optimizer': given['optimizer']} if 'optimizer' in given else {}))
+  if 'lambdas' in given:
+    given['lambdas'] = _lambdas(given['lambdas'], base.lambdas)
+  if args.resume:
+    cfg = dataclasses.replace(base, **given)
   else:
     cfg = train.preset(given.pop('dataset', 'digits'), **given)
   if args.distributed:
-    import jax
-    jax.distributed.initialize()
+    _initialize_distributed(args)
+  elif any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
+    raise ValueError('--coordinator-address, --num-processes and --process-id go with --distributed.')
   out = args.out or f'runs/{cfg.model}-{cfg.dataset}-{cfg.optimizer}-{time.strftime("%Y%m%d-%H%M%S")}'
   start = time.perf_counter()
-  result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet)
-  if not args.quiet and result.history:
-    last = result.history[-1]
-    sparse = '' if last['sparse_test_acc'] is None else f', sparse {100 * last["sparse_test_acc"]:.1f}%'
-    print(f'Done in {time.perf_counter() - start:.0f} s: test accuracy dense {100 * last["dense_test_acc"]:.1f}%'
-          f'{sparse}. Wrote {out}/ (metrics.jsonl, path.npz, plots/, checkpoints/).')
+  result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
+  if result.history:   # under --quiet too: the one thing a log must end with
+    print(_summary(result.history, out, time.perf_counter() - start, train))
 
 
-def _lambdas(words: Sequence[str]):
-  """``['0.3']`` -> 0.3; ``['filter=1', 'lasso=0.03']`` -> ``(('filter', 1.0), ('lasso', 0.03))``."""
+def _summary(history, out, seconds: float, train) -> str:
+  """Final accuracies, the support kept, where the files are, and the next command."""
+  last = history[-1]
+  percent = lambda v: f'{100 * v:.1f}%'
+  lines = [f'Done in {seconds:.0f} s, {last["epoch"]} epochs: test accuracy dense {percent(last["dense_test_acc"])}']
+  if last['sparse_test_acc'] is not None:
+    filters = [(r['groups_in_support'], r['groups']) for r in last['per_leaf'].values() if r['kind'] == 'filter']
+    kept = f', filters {sum(k for k, _ in filters)}/{sum(n for _, n in filters)}' if filters else ''
+    lines[0] += (f', sparse {percent(last["sparse_test_acc"])} (W ⊙ 1[Γ≠0], keeping '
+                 f'{percent(last["weights_kept"])} of the weights{kept}).')
+  elif last['weights_kept'] is not None:
+    lines[0] += f' ({percent(last["weights_kept"])} of the weights non-zero).'
+  lines.append(f'Files in {out}/: metrics.jsonl, path.npz (the regularization path), plots/*.png, checkpoints/.')
+  epoch = train.suggest_epoch(history)
+  if epoch is not None:
+    row = next(h for h in history if h['epoch'] == epoch)
+    lines.append(f'Next, retrain the sparse structure of epoch {epoch} (the earliest whose sparse accuracy, '
+                 f'{percent(row["sparse_test_acc"])} with {percent(row["weights_kept"])} of the weights, is within '
+                 f'1 point of the end): dessilbi ticket --run {out} --epoch {epoch}')
+  return '\n'.join(lines)
+
+
+# The kinds of the trainer's grouping (conv kernels by filter, dense kernels by weight).
+_TRAINED_KINDS = ('filter', 'lasso')
+
+
+def _lambdas(words: Sequence[str], preset):
+  """``['0.3']`` -> 0.3; ``['filter=1', 'lasso=0.03']`` -> ``(('filter', 1.0), ('lasso', 0.03))``.
+
+  Kinds not named keep the ``preset`` λ (``['filter=1']`` with a preset of 0.2:
+  ``(('filter', 1.0), ('lasso', 0.2))``).
+  """
   try:
     if len(words) == 1 and '=' not in words[0]:
       return float(words[0])
     pairs = [word.split('=') for word in words]
     if not pairs or any(len(pair) != 2 for pair in pairs):
       raise ValueError
-    return tuple((kind, float(lam)) for kind, lam in pairs)
+    named = {kind: float(lam) for kind, lam in pairs}
+    before = dict(preset) if isinstance(preset, tuple) else {kind: preset for kind in _TRAINED_KINDS}
+    return tuple(sorted({**before, **named}.items()))
   except ValueError:
     raise ValueError(f'--lambda takes one number or kind=λ pairs (e.g. --lambda filter=1 lasso=0.03), '
                      f'got {" ".join(words)!r}.') from None
@@ -154,10 +210,25 @@ def _lambdas(words: Sequence[str]):
 def _ticket(args, train) -> None:
   report = train.retrain_ticket(args.run, args.epoch, init=args.init, epochs=args.epochs, lr=args.lr,
                                 out_dir=args.out, resume=args.resume, quiet=args.quiet)
-  if not args.quiet:
-    kept = report['params_kept'] / report['params']
-    flops = report['flops'] / report['dense_flops']
-    print(f'Ticket of epoch {report["epoch"]} ({report["init"]}), retrained {report["epochs"]} epochs: '
-          f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
-          f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
-          f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')
+  # Printed under --quiet too.
+  kept = report['params_kept'] / report['params']
+  flops = report['flops'] / report['dense_flops']
+  print(f'Ticket of epoch {report["epoch"]} ({report["init"]}), retrained {report["epochs"]} epochs: '
+        f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
+        f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
+        f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')
+
+
+def _initialize_distributed(args) -> None:
+  """``jax.distributed.initialize`` with the flags given (the others found from the environment)."""
+  import jax
+  if args.num_processes is not None and args.num_processes < 1:
+    raise ValueError(f'--num-processes must be >= 1, got {args.num_processes}.')
+  if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+    raise ValueError(f'--process-id must be in 0 .. --num-processes - 1, got {args.process_id}.')
+  try:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise ValueError(f'--distributed could not start: {e} Outside TPU pods, SLURM and Open MPI give '
+                     '--coordinator-address HOST:PORT --num-processes N --process-id I.') from e

@@ -12,7 +12,7 @@ Example::
   >>> history = [{'epoch': 1, 'dense_test_acc': 0.8, 'sparse_test_acc': 0.5},
   ...            {'epoch': 2, 'dense_test_acc': 0.9, 'sparse_test_acc': 0.85}]
   >>> path = pathlib.Path(tempfile.mkdtemp()) / 'accuracy.png'
-  >>> plots.plot_accuracy(history, path)
+  >>> fig = plots.plot_accuracy(history, path)
   >>> path.exists()
   True
 """
@@ -26,69 +26,91 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def plot_accuracy(history: Sequence[Mapping], path) -> None:
-  """Dense (W) and sparse (W ⊙ 1[Γ≠0]) test accuracy against epoch."""
+def plot_accuracy(history: Sequence[Mapping], path, *, ticket: bool = False) -> Figure:
+  """Dense (W) and sparse (W ⊙ 1[Γ≠0]) test accuracy against epoch; a ticket's: its masked network."""
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
   epochs = [h['epoch'] for h in history]
-  for key, label in (('dense_test_acc', 'dense W'), ('sparse_test_acc', 'sparse W ⊙ 1[Γ≠0]')):
+  curves = ((('dense_test_acc', 'ticket: masked W (pruned weights stay 0)'),) if ticket else
+            (('dense_test_acc', 'dense W'), ('sparse_test_acc', 'sparse W ⊙ 1[Γ≠0]')))
+  for key, label in curves:
     values = [h.get(key) for h in history]
     if any(v is not None for v in values):
       ax.plot(epochs, [np.nan if v is None else v for v in values], marker='.', label=label)
-  ax.set_xlabel('epoch')
+  ax.set_xlabel('epoch (of retraining)' if ticket else 'epoch')
   ax.set_ylabel('test accuracy')
   ax.grid(alpha=0.3)
   ax.legend()
-  _save(fig, path)
+  return _save(fig, path)
 
 
-def plot_support(history: Sequence[Mapping], path) -> None:
-  """The path: per structured layer, the fraction of its groups in Γ's support.
+def plot_support(history: Sequence[Mapping], path, *, ticket: bool = False) -> Figure:
+  """The path: per structured layer, the fraction of its groups in Γ's support (legend beside the axes).
 
-  (For runs without Γ, e.g. retrained tickets: the groups with a non-zero weight.)
+  For runs without Γ, the groups with a non-zero weight; for a ticket
+  (``ticket=True``), whose mask is fixed, one bar per layer: the fraction of
+  its groups the mask keeps.
   """
-  fig = Figure(figsize=(7, 4))
+  leaves = [name for name, row in history[-1]['per_leaf'].items() if row['groups']] if history else []
+  fraction = lambda h, name: h['per_leaf'][name]['groups_in_support'] / h['per_leaf'][name]['groups']
+  if ticket:
+    fig = Figure(figsize=(7, 1.2 + 0.45 * max(1, len(leaves))))
+    ax = fig.add_subplot()
+    kept = [fraction(history[-1], name) for name in leaves]
+    labels = [f'{name} ({history[-1]["per_leaf"][name]["kind"]})' for name in leaves]
+    ax.barh(labels, kept)
+    for y, value in enumerate(kept):
+      ax.text(min(value, 0.85) + 0.01, y, f'{100 * value:.1f}%', va='center')
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of groups the ticket's mask keeps (fixed while retraining)")
+    ax.grid(alpha=0.3, axis='x')
+    return _save(fig, path)
+  fig = Figure(figsize=(9, 4))
   ax = fig.add_subplot()
   epochs = [h['epoch'] for h in history]
-  leaves = [name for name, row in history[-1]['per_leaf'].items() if row['groups']] if history else []
   for name in leaves:
-    fractions = [h['per_leaf'][name]['groups_in_support'] / h['per_leaf'][name]['groups'] for h in history]
     kind = history[-1]['per_leaf'][name]['kind']
-    ax.plot(epochs, fractions, marker='.', label=f'{name} ({kind})')
+    # Layers that appear mid-run (growth) have no point before.
+    ax.plot(epochs, [fraction(h, name) if name in h['per_leaf'] else np.nan for h in history], marker='.',
+            label=f'{name} ({kind})')
   ax.set_xlabel('epoch')
-  ax.set_ylabel('fraction of groups kept')
+  ax.set_ylabel("fraction of groups in Γ's support")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
   if leaves:
-    ax.legend(fontsize='small')
-  _save(fig, path)
+    ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+  return _save(fig, path)
 
 
-def plot_entry_steps(entry_steps: Mapping[str, np.ndarray], path, steps_per_epoch: int = 0) -> None:
-  """Histogram of the steps at which groups entered Γ's support, stacked by layer.
+def plot_entry_steps(entry_steps: Mapping[str, np.ndarray], path, steps_per_epoch: int = 0) -> Figure:
+  """Per layer, a histogram of the steps at which its groups entered Γ's support (one panel each).
 
   ``entry_steps`` maps a leaf path to its per-group entry steps (``-1``: never
-  entered; counted in the legend). With ``steps_per_epoch`` the axis is in epochs.
+  entered; counted in the panel's title). One panel per layer keeps a few conv
+  filters visible beside thousands of single dense weights. With
+  ``steps_per_epoch`` the axis is in epochs.
   """
-  fig = Figure(figsize=(7, 4))
-  ax = fig.add_subplot()
+  names = list(entry_steps)
+  fig = Figure(figsize=(7, 1.0 + 1.6 * max(1, len(names))))
   scale = steps_per_epoch or 1
-  entered, labels = [], []
-  for name, steps in entry_steps.items():
-    steps = np.asarray(steps).reshape(-1)
-    entered.append(steps[steps >= 0] / scale)
-    labels.append(f'{name}: {int(np.sum(steps < 0))}/{steps.size} never')
-  if entered and any(e.size for e in entered):
-    ax.hist(entered, bins=30, stacked=True, label=labels)
-    ax.legend(fontsize='small')
-  ax.set_xlabel('entry epoch' if steps_per_epoch else 'entry step')
-  ax.set_ylabel('groups')
-  ax.grid(alpha=0.3)
-  _save(fig, path)
+  entered = {name: np.asarray(steps).reshape(-1) for name, steps in entry_steps.items()}
+  latest = max([e.max() for e in entered.values() if e.size and e.max() >= 0] or [scale]) / scale
+  axes = fig.subplots(max(1, len(names)), 1, sharex=True, squeeze=False)[:, 0]
+  for ax, name in zip(axes, names):
+    steps = entered[name]
+    ax.hist(steps[steps >= 0] / scale, bins=30, range=(0, latest))
+    ax.set_title(f'{name}: {int(np.sum(steps >= 0))} of {steps.size} groups entered, '
+                 f'{int(np.sum(steps < 0))} never', fontsize='small', loc='left')
+    ax.set_ylabel('groups')
+    ax.grid(alpha=0.3)
+  axes[-1].set_xlabel('entry epoch' if steps_per_epoch else 'entry step')
+  return _save(fig, path)
 
 
-def _save(fig: Figure, path) -> None:
+def _save(fig: Figure, path) -> Figure:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.tight_layout()  # keeps a legend placed beside the axes inside the figure
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  return fig

@@ -5,7 +5,7 @@
   python examples/paper_settings.py lenet-mnist --out runs/lenet-mnist
   python examples/paper_settings.py vgg16-cifar10 --out runs/vgg16-cifar10 [--resume]
   python examples/paper_settings.py resnet56-cifar10 --out runs/resnet56-cifar10
-  python examples/paper_settings.py resnet18-imagenet --out gs://.../resnet18 [--distributed]
+  python examples/paper_settings.py resnet18-imagenet --out /mnt/shared/resnet18 [--distributed]
   python examples/paper_settings.py resnet50-imagenet --out ... [--distributed]
   python examples/paper_settings.py vgg16-cifar10 --optimizer sgd --out ...   # the SGD baseline
 
@@ -15,7 +15,11 @@ devices (a GPU host or a TPU VM) with ``jax.pmap``. On several hosts, start
 the same command on every host with ``--distributed``
 (``jax.distributed.initialize()`` then finds the others from the TPU or
 SLURM/Open MPI environment); each host reads its own slice of every batch and
-only process 0 writes metrics and plots. ``--batch-size`` is global.
+only process 0 writes metrics and plots. ``--batch-size`` is global. ``--out`` is a
+local directory that every host sees (NFS, a bucket mounted with gcsfuse);
+remote URLs such as ``gs://`` are refused. Outside TPU pods, SLURM and Open
+MPI, use ``dessilbi train --distributed --coordinator-address ...
+--num-processes ... --process-id ...`` (README, "Several hosts").
 
 The datasets must be prepared first (TensorFlow is needed for that step only)::
 
@@ -39,19 +43,19 @@ from dessilbi_jax import train
 SETTINGS = {
     'lenet-mnist': train.TrainConfig(
         model='lenet', dataset='mnist', epochs=60, batch_size=128, lr=0.1, lr_decay_epochs=(20, 40),
-        kappa=1.0, mu=20.0, lambda_=1.0, normalize_groups=False),
+        kappa=1.0, mu=20.0, lambdas=1.0, normalize_groups=False),
     'vgg16-cifar10': train.TrainConfig(
         model='vgg16', dataset='cifar10', epochs=160, batch_size=128, lr=0.1, lr_decay_epochs=(80, 120),
-        weight_decay=5e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=5e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
     'resnet56-cifar10': train.TrainConfig(
         model='resnet56', dataset='cifar10', epochs=160, batch_size=128, lr=0.1, lr_decay_epochs=(80, 120),
-        weight_decay=5e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=5e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
     'resnet18-imagenet': train.TrainConfig(
         model='resnet18', dataset='imagenet2012', epochs=90, batch_size=256, lr=0.1, lr_decay_epochs=(30, 60),
-        weight_decay=1e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=1e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
     'resnet50-imagenet': train.TrainConfig(
         model='resnet50', dataset='imagenet2012', epochs=90, batch_size=256, lr=0.1, lr_decay_epochs=(30, 60),
-        weight_decay=1e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=1e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
 }
 
 

@@ -227,7 +227,8 @@ def _prepare_offline(name: str, root: str) -> None:
                  'mnist1d': builders.DessilbiMnist1d}[name]
   builder = builder_cls(data_dir=root, file_format='array_record')
   try:
-    with builders.global_rngs_preserved():
+    # tfds' progress bars for a second of work would only clutter a training log.
+    with builders.global_rngs_preserved(), builders.tfds_progress_bars_hidden():
       # try_download_gcs=False: tfds would otherwise look the name up on GCS.
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           try_download_gcs=False))
