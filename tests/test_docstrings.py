@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots',
-           'data.pipeline', 'data.datasets']   # models: tests/test_models.py
+           'data.pipeline', 'data.datasets', 'structure.unit_map', 'structure.trace']   # models: tests/test_models.py
 
 
 @pytest.mark.parametrize('name', MODULES)
