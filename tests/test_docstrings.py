@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots',
-           'data.pipeline', 'data.datasets', 'structure.unit_map', 'structure.trace']   # models: tests/test_models.py
+           'data.pipeline', 'data.datasets', 'structure.unit_map', 'structure.trace',
+           'structure.surgery', 'structure.count']   # models: tests/test_models.py
 
 
 @pytest.mark.parametrize('name', MODULES)
