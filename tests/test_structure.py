@@ -24,10 +24,20 @@ def _rbg_keys():
   jax.config.update('jax_default_prng_impl', previous)
 
 
-def _apply(model, variables, x, **kwargs):
-  """``model.apply`` jitted at XLA's lowest optimization level: a third of the compile time, same maths."""
-  fn = jax.jit(lambda v, inputs: model.apply(v, inputs, **kwargs))
-  return fn.lower(variables, x).compile(compiler_options={'xla_backend_optimization_level': 0})(variables, x)
+def _compiled(fn, *args):
+  """``jax.jit(fn)`` compiled at XLA's lowest optimization level: a third of the compile time, same maths."""
+  return jax.jit(fn).lower(*args).compile(compiler_options={'xla_backend_optimization_level': 0})
+
+
+_APPLY_CACHE = {}
+
+
+def _apply(model, variables, x):
+  """Eval-mode logits, compiled once per model and variable shapes."""
+  key = (id(model), str(jax.tree.map(lambda a: (a.shape, a.dtype), variables)), x.shape)
+  if key not in _APPLY_CACHE:
+    _APPLY_CACHE[key] = (model, _compiled(lambda v, inputs: model.apply(v, inputs, train=False), variables, x))
+  return _APPLY_CACHE[key][1](variables, x)
 
 
 def _random_variables(model, input_shape, seed=0):
@@ -264,3 +274,225 @@ def test_traced_map_is_the_map_the_structure_implies(name):
   assert sorted(got) == sorted(expected)
   for group in expected:
     assert got[group] == expected[group], group
+
+
+# -- remove == zero, and the counts ------------------------------------------------------------
+
+@pytest.mark.parametrize('name', _IDS)
+def test_removed_network_computes_the_zeroed_one_and_counts_match(name):
+  model, variables, x, unit_map = _case(name)
+  keep = _random_keep(unit_map, seed=3)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # a layer of a random mask may keep its one unit
+    small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+    masked = structure.zero(variables, unit_map, keep)
+    params, macs = structure.count(unit_map, variables, keep)
+  removed_logits = np.asarray(_apply(small, small_vars, x))
+  masked_logits = np.asarray(_apply(model, masked, x))
+  np.testing.assert_allclose(removed_logits, masked_logits, rtol=1e-5, atol=1e-5 * np.abs(masked_logits).max())
+  # The masked network is not the dense one (the test would pass trivially on an empty mask).
+  assert not np.allclose(masked_logits, np.asarray(_apply(model, variables, x)), rtol=1e-3)
+  assert params == models.count_params(small_vars['params'])
+  assert macs == models.count_flops(small, x.shape[1:])
+  if name.startswith('resnet'):
+    assert any(not keep[g.name].any() for g in unit_map.groups if g.block), 'the masks empty some block'
+
+
+def test_streams_are_kept_whole_when_not_cut_and_round_to_rounds_up():
+  model, variables, x, unit_map = _case('resnet20')
+  keep = _random_keep(unit_map, seed=4, empty_blocks=0)
+  small, small_vars, _ = structure.remove(model, variables, unit_map, keep, cut_streams=False, round_to=4)
+  assert small.widths == (16, 32, 64)
+  kept = [int(keep[f'BasicBlock_{b}/Conv_0'].sum()) for b in range(9)]
+  assert small.block_widths == tuple(min(-(-k // 4) * 4, w) for k, w in zip(kept, (16,) * 3 + (32,) * 3 + (64,) * 3))
+  masked = structure.zero(variables, unit_map, keep, cut_streams=False, round_to=4)
+  np.testing.assert_allclose(_apply(small, small_vars, x), _apply(model, masked, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_losing_every_unit_keeps_one_and_says_so():
+  model, variables, x, unit_map = _case('lenet5')
+  with pytest.warns(UserWarning, match="'Conv_1' would lose all its 16 units"):
+    small, _, _ = structure.remove(model, variables, unit_map, {'Conv_1': np.zeros(16, bool)})
+  assert small.widths == (6, 1, 120, 84)
+
+
+def test_an_emptied_block_is_the_identity():
+  model, variables, x, unit_map = _case('resnet20')
+  keep = {'BasicBlock_4/Conv_0': np.zeros(32, bool)}
+  small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  assert small.block_widths[4] == 0 and 'BasicBlock_4' not in small_vars['params']
+  np.testing.assert_allclose(_apply(small, small_vars, x), _apply(model, structure.zero(variables, unit_map, keep), x),
+                             rtol=1e-5, atol=1e-6)
+
+
+# -- optimizer state ---------------------------------------------------------------------------
+
+def _loss(model, variables, x, labels, train):
+  if train and 'batch_stats' in variables:
+    logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  else:
+    logits = model.apply(variables, x, train=False)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _steps(model, variables, tx, state, x, labels, steps=2, masks=None):
+  """``steps`` updates; with ``masks`` (a masked retrain) the params are masked after each."""
+  def step(params, state):
+    grads = jax.grad(lambda p: _loss(model, {**variables, 'params': p}, x, labels, True))(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return (params if masks is None else jax.tree.map(jnp.multiply, params, masks)), state
+  params = variables['params']
+  step = _compiled(step, params, state)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def test_optimizer_state_is_sliced_like_the_params():
+  model, variables, x, unit_map = _case('lenet5')
+  labels = jnp.arange(2) % 10
+  tx = optax.chain(dl.dessilbi(0.1, mu=1.0, lambdas=0.01, groups={'Dense_0/kernel': 'neuron'}), optax.scale_by_adam())
+  _, state = _steps(model, variables, tx, tx.init(variables['params']), x, labels)
+  keep = _random_keep(unit_map, seed=5)
+  _, small_vars, small_state = structure.remove(model, variables, unit_map, keep, state)
+  c0, c1, d0, d1 = (np.flatnonzero(keep[n]) for n in ('Conv_0', 'Conv_1', 'Dense_0', 'Dense_1'))
+  rows = (np.arange(4)[:, None] * 16 + c1[None, :]).reshape(-1)  # 2x2 positions of the flattened map
+  rows.sort()
+  for tree, new in ((dl.z(state), dl.z(small_state)), (state[1].mu, small_state[1].mu)):
+    np.testing.assert_array_equal(new['Conv_1']['kernel'], np.asarray(tree['Conv_1']['kernel'])[:, :, c0][..., c1])
+    np.testing.assert_array_equal(new['Dense_0']['kernel'], np.asarray(tree['Dense_0']['kernel'])[np.ix_(rows, d0)])
+    np.testing.assert_array_equal(new['Dense_1']['kernel'], np.asarray(tree['Dense_1']['kernel'])[np.ix_(d0, d1)])
+  # Per-group state: the filter kernel's entry steps (1, 1, 1, O) and the neuron kind's (1, O).
+  np.testing.assert_array_equal(dl.entry_step(small_state)['Conv_1']['kernel'],
+                                np.asarray(dl.entry_step(state)['Conv_1']['kernel'])[..., c1])
+  assert dl.entry_step(small_state)['Dense_0']['kernel'].shape == (1, len(d0))
+  assert dl.entry_step(small_state)['Conv_0']['bias'] is None  # None leaves stay None
+  assert int(small_state[0].count) == int(state[0].count) == 2
+  assert jax.tree.structure(small_vars['params']) == jax.tree.structure(dl.z(small_state), is_leaf=lambda v: v is None)
+
+
+@pytest.mark.parametrize('name', ['lenet5', 'resnet20'])
+def test_a_dessilbi_step_on_the_removed_network_is_the_step_on_the_masked_one(name):
+  model, variables, x, unit_map = _case(name)
+  labels = jnp.arange(2) % 10
+  keep = _random_keep(unit_map, seed=6)
+  masks = structure.unit_masks(variables, unit_map, keep, inputs=True)
+  masked = jax.tree.map(lambda v, m: v * m, variables, masks)
+  tx = dl.dessilbi(0.1, mu=1.0, lambdas=0.01)
+  small, small_vars, small_state = structure.remove(model, masked, unit_map, keep, tx.init(masked['params']))
+  # An emptied block's last batch norm would learn a bias from the stream's gradient: masks hold it at 0.
+  full_params, _ = _steps(model, masked, tx, tx.init(masked['params']), x, labels, masks=masks['params'])
+  small_params, _ = _steps(small, small_vars, tx, small_state, x, labels)
+  # The kept units of the masked network, cut out of it, are the removed network's.
+  _, cut, _ = structure.remove(model, {**masked, 'params': full_params}, unit_map, keep)
+  for a, b in zip(jax.tree.leaves(cut['params']), jax.tree.leaves(small_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(small_params)[0], jax.tree.leaves(small_vars['params'])[0])
+
+
+# -- widen and gate ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['lenet5', 'resnet20', 'residual_flatten', 'concat_norm'])
+def test_widened_network_computes_the_same_and_keeps_old_values(name):
+  model, variables, x, unit_map = _case(name)
+  tx = dl.dessilbi(0.1, mu=1.0)
+  state = tx.init(variables['params'])
+  state = state._replace(entry_step=jax.tree.map(lambda e: None if e is None else e + 3, state.entry_step,
+                                                 is_leaf=lambda e: e is None))
+  grow = {g.name: 2 + i % 2 for i, g in enumerate(unit_map.prunable())}
+  wide, wide_vars, wide_state = structure.widen(model, variables, unit_map, grow, jax.random.key(1), state)
+  np.testing.assert_allclose(_apply(wide, wide_vars, x), _apply(model, variables, x), rtol=1e-5, atol=1e-6)
+  old_units = {g.name: np.arange(g.size + grow.get(g.name, 0)) < g.size for g in unit_map.groups}
+  new_map = structure.trace(wide, wide_vars, x, rebuild=unit_map.rebuild)
+  # Removing the new units again gives the old variables to the bit, and the old state.
+  _, back, back_state = structure.remove(wide, wide_vars, new_map, old_units, wide_state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(back_state), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  # New state: zero; new entry steps: -1 (never entered).
+  for group in new_map.prunable():
+    for s in group.producers:
+      new = ~old_units[group.name][s.offset:s.offset + s.size]
+      entry = dl.entry_step(wide_state)
+      for part in s.path:
+        entry = entry[part]
+      if entry is not None:
+        assert np.all(np.take(np.asarray(entry), np.flatnonzero(new), axis=s.axis) == -1)
+      momentum = wide_state.momentum
+      for part in s.path:
+        momentum = momentum[part]
+      assert np.all(np.take(np.asarray(momentum), np.flatnonzero(new), axis=s.axis) == 0)
+
+
+@pytest.mark.parametrize('name', ['lenet5', 'resnet20', 'concat_norm'])
+def test_gate_scales_units_and_binary_gates_are_zeroing(name):
+  model, variables, x, unit_map = _case(name)
+  keep = _random_keep(unit_map, seed=7, empty_blocks=0)
+  resolved = structure.resolve_keep(unit_map, keep)
+  z = {name: jnp.asarray(resolved[name], jnp.float32) for name in keep}
+  np.testing.assert_allclose(_apply(model, structure.gate(variables, unit_map, z), x),
+                             _apply(model, structure.zero(variables, unit_map, keep), x), rtol=1e-5, atol=1e-6)
+  ones = {name: jnp.ones_like(value) for name, value in z.items()}
+  np.testing.assert_array_equal(_apply(model, structure.gate(variables, unit_map, ones), x),
+                                _apply(model, variables, x))
+  # Differentiable in z: d logits / d z of a unit is its contribution (a finite, non-zero number).
+  first = unit_map.prunable()[0].name
+  grad = jax.grad(lambda g: jnp.sum(model.apply(structure.gate(variables, unit_map, {first: g}), x)))(
+      jnp.full(unit_map[first].size, 0.5))
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_bad_masks_get_clear_errors():
+  model, variables, x, unit_map = _case('lenet5')
+  with pytest.raises(ValueError, match=r"keep\['Conv_1'\] has shape \(3,\); group 'Conv_1' has 16 units"):
+    structure.remove(model, variables, unit_map, {'Conv_1': np.ones(3, bool)})
+  with pytest.raises(ValueError, match="unit group 'Conv_9', which this unit map does not have; its groups are: "
+                                       "input, Conv_0"):
+    structure.zero(variables, unit_map, {'Conv_9': np.ones(3, bool)})
+  with pytest.raises(ValueError, match="must be a boolean mask"):
+    structure.zero(variables, unit_map, {'Conv_0': np.full(6, np.nan)})
+  with pytest.raises(ValueError, match="'Dense_2' cannot lose units: the network's outputs"):
+    structure.remove(model, variables, unit_map, {'Dense_2': np.arange(10) < 5})
+  with pytest.raises(ValueError, match='round_to must be a positive integer'):
+    structure.remove(model, variables, unit_map, {}, round_to=0)
+  with pytest.raises(ValueError, match="new_units names unit group 'nope'"):
+    structure.widen(model, variables, unit_map, {'nope': 1}, jax.random.key(0))
+
+
+class _Sorted(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(3)(jnp.sort(nn.Dense(4)(x), axis=-1))
+
+
+class _Depthwise(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Conv(4, (3, 3), feature_group_count=2)(x).mean(axis=(1, 2))
+
+
+def test_an_untraceable_op_is_named_with_its_source_line():
+  x = jnp.ones((1, 5))
+  with pytest.raises(structure.UntraceableError, match=r'Cannot follow the channels through `sort` at .*test_structure'):
+    structure.trace(_Sorted(), _Sorted().init(jax.random.key(0), x), x)
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(structure.UntraceableError, match='grouped / depthwise'):
+    structure.trace(_Depthwise(), _Depthwise().init(jax.random.key(0), x), x)
+
+
+def test_a_user_model_without_a_rebuild_rule_is_told_how_to_give_one():
+  model, variables, x, unit_map = _case('residual_flatten')
+  bare = structure.trace(model, variables, x)
+  with pytest.raises(ValueError, match=r'pass trace\(\.\.\., rebuild=rule\)'):
+    structure.remove(model, variables, bare, {})
+
+
+def test_a_declared_correction_makes_a_group_unprunable():
+  model, variables, x, unit_map = _case('lenet5')
+  fixed = unit_map.replace('Conv_0', prunable=False, reason='declared by the user')
+  with pytest.raises(ValueError, match="'Conv_0' cannot lose units: declared by the user"):
+    structure.remove(model, variables, fixed, {'Conv_0': np.arange(6) < 3})

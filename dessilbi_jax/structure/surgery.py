@@ -174,13 +174,13 @@ def _unflatten_like(template, values: Mapping[tuple[str, ...], Any]):
   return jax.tree.unflatten(jax.tree.structure(template), [values[p] for p in paths])
 
 
-def _rebuilt(unit_map: UnitMap, sources, what: str):
+def _rebuilt(model, unit_map: UnitMap, sources, what: str):
   if unit_map.rebuild is None:
     raise ValueError(f'{what} needs a unit map that can rebuild its model: pass trace(..., rebuild=rule) for a '
-                     'model outside the zoo (rule(unit_map, sources) -> flax module).')
+                     'model outside the zoo (rule(model, unit_map, sources) -> flax module).')
   if not unit_map.input_shape:
     raise ValueError(f'{what} needs the unit map\'s input_shape (one example\'s shape).')
-  model = unit_map.rebuild(unit_map, sources)
+  model = unit_map.rebuild(model, unit_map, sources)
   x = jax.ShapeDtypeStruct((1, *unit_map.input_shape), jnp.float32)
   return model, x
 
@@ -243,8 +243,7 @@ def remove(model, variables, unit_map: UnitMap, keep: Keep, opt_state=None, *, c
   """The narrower network: ``(model, variables, opt_state)`` with only the kept units.
 
   Args:
-    model: the Flax module the map was traced from (unused by the zoo's rules,
-      which carry it; kept for symmetry with :func:`widen`).
+    model: the Flax module the map was traced from.
     variables: its variables.
     unit_map: its :class:`UnitMap`.
     keep: ``{group name: boolean mask of the group's size}`` (left-out groups kept).
@@ -260,10 +259,9 @@ def remove(model, variables, unit_map: UnitMap, keep: Keep, opt_state=None, *, c
     ``(model, variables, opt_state)`` of the removed network (``opt_state``
     ``None`` when none was given).
   """
-  del model
   resolved = resolve_keep(unit_map, keep, cut_streams=cut_streams, round_to=round_to)
   sources = _sources_of(unit_map, resolved)
-  new_model, x = _rebuilt(unit_map, sources, 'remove')
+  new_model, x = _rebuilt(model, unit_map, sources, 'remove')
   template = jax.eval_shape(new_model.init, jax.random.key(0), x)
   plan = _leaf_plan(unit_map, sources)
   new_vars = _new_variables(variables, template, plan)
@@ -345,7 +343,6 @@ def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key
   Returns:
     ``(model, variables, opt_state)`` of the widened network.
   """
-  del model
   for name, n in new_units.items():
     group = unit_map[name] if name in unit_map.names else None
     if group is None:
@@ -357,8 +354,8 @@ def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key
       raise ValueError(f'new_units[{name!r}] must be a non-negative integer; got {n!r}.')
   sources = {g.name: np.concatenate([np.arange(g.size), -np.ones(new_units.get(g.name, 0), np.int64)])
              for g in unit_map.groups}
-  new_model, x = _rebuilt(unit_map, sources, 'widen')
-  fresh = new_model.init(key, jnp.zeros(x.shape, x.dtype))
+  new_model, x = _rebuilt(model, unit_map, sources, 'widen')
+  fresh = jax.jit(new_model.init)(key, jnp.zeros(x.shape, x.dtype))
   plan = _leaf_plan(unit_map, sources)
   fills = {}
   for collection in fresh:

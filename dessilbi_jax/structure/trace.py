@@ -124,12 +124,12 @@ class _Spaces:
     self.fixed[root] = self.fixed[root] or reason
 
 
-def _where(eqn) -> str:
+def _summary(eqn) -> str:
   try:
     from jax._src import source_info_util  # pylint: disable=g-import-not-at-top
     return source_info_util.summarize(eqn.source_info)
   except Exception:  # pylint: disable=broad-except
-    return 'unknown source line'
+    return ''
 
 
 class _Interpreter:
@@ -140,11 +140,20 @@ class _Interpreter:
     self.records: list[tuple[int, int, dict]] = []  # (space, channel offset in it, Slice fields)
     self.normalized_modules = normalized_modules
     self.positions: list = []  # (kernel path, output positions of one example)
+    self.call_sites: list = []  # the eqns whose sub-jaxprs are being run (a library function's call site)
+
+  def where(self, eqn) -> str:
+    """The op's source line, or that of the user's call into the library function holding it."""
+    for candidate in [eqn] + self.call_sites[::-1]:
+      line = _summary(candidate)
+      if line:
+        return line
+    return 'an unknown source line'
 
   # -- helpers ---------------------------------------------------------------
   def fail(self, eqn, why: str):
     raise UntraceableError(
-        f'Cannot follow the channels through `{eqn.primitive.name}` at {_where(eqn)}: {why}. '
+        f'Cannot follow the channels through `{eqn.primitive.name}` at {self.where(eqn)}: {why}. '
         'Declare this part of the unit map by hand (dessilbi_jax.structure.UnitGroup / Slice), or correct the '
         'traced map with UnitMap.replace.')
 
@@ -187,7 +196,11 @@ class _Interpreter:
         closed = sub if hasattr(sub, 'jaxpr') else None
         inner = closed.jaxpr if closed is not None else sub
         if len(inner.invars) == len(values):
-          return self.run(inner, values)
+          self.call_sites.append(eqn)
+          try:
+            return self.run(inner, values)
+          finally:
+            self.call_sites.pop()
     shape_in = [getattr(v.aval, 'shape', ()) for v in eqn.invars]
     shape_out = eqn.outvars[0].aval.shape
     labels = [v if isinstance(v, _Label) else None for v in values]
@@ -224,7 +237,7 @@ class _Interpreter:
       if label is None:
         return [self.map_view(view, lambda va: tuple(a for i, a in enumerate(va) if i not in axes))] * n_out
       if label.axis in axes:
-        self.spaces.fix(label.space, f'`{name}` over the channels at {_where(eqn)}')
+        self.spaces.fix(label.space, f'`{name}` over the channels at {self.where(eqn)}')
         return [None] * n_out
       return [dataclasses.replace(label, axis=label.axis - sum(a < label.axis for a in axes))] * n_out
     if name in _WINDOW or name == 'cumsum' or name.startswith('cum'):
@@ -250,7 +263,7 @@ class _Interpreter:
     self.fail(eqn, 'this op is not one the unit-map tracer knows')
 
   def fix_or_fail(self, eqn, label, why):
-    self.spaces.fix(label.space, f'{why} (`{eqn.primitive.name}` at {_where(eqn)})')
+    self.spaces.fix(label.space, f'{why} (`{eqn.primitive.name}` at {self.where(eqn)})')
 
   @staticmethod
   def map_view(view, fn: Callable):
@@ -415,7 +428,8 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
       ``jax.eval_shape(model.init, ...)``); collections other than ``params``
       and ``batch_stats`` are not allowed.
     x: an example batch (array or ``ShapeDtypeStruct``) with channels last.
-    rebuild: the rule that rebuilds the model with new widths
+    rebuild: the rule ``rebuild(model, unit_map, sources) -> module`` that
+      rebuilds the model with new widths
       (:data:`~dessilbi_jax.structure.unit_map.RebuildRule`); default: the
       zoo's rule for the zoo's models, none for others.
     apply_kwargs: keyword arguments of ``model.apply`` (default ``{'train': False}``).

@@ -43,10 +43,10 @@ import numpy as np
 ROLES = ('producer', 'bias', 'norm', 'consumer')
 COLLECTIONS = ('params', 'batch_stats')
 
-# new widths of every group -> the rebuilt Flax module. A group's ``sources``
-# are, per unit of the new network, its unit in the old one (-1: a new unit;
-# new units come last).
-RebuildRule = Callable[['UnitMap', Mapping[str, np.ndarray]], Any]
+# (model, its unit map, new widths of every group) -> the rebuilt Flax module.
+# A group's ``sources`` are, per unit of the new network, its unit in the old
+# one (-1: a new unit; new units come last).
+RebuildRule = Callable[[Any, 'UnitMap', Mapping[str, np.ndarray]], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ class UnitMap:
 
   Attributes:
     groups: the :class:`UnitGroup` s, in the order the forward pass meets them.
-    rebuild: ``rebuild(unit_map, sources) -> flax Module`` for new widths
+    rebuild: ``rebuild(model, unit_map, sources) -> flax Module`` for new widths
       (:data:`RebuildRule`); ``None`` where the map cannot rebuild its model.
     positions: per kernel (its params path), the output positions of one
       example (1 for a dense layer on a vector): multiply-accumulates are

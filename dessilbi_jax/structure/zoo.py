@@ -88,11 +88,8 @@ _RULES = {
 
 
 def rebuild_rule(model) -> Optional[callable]:
-  """The zoo's rule ``(unit_map, sources) -> module`` for ``model``'s class, or ``None``."""
-  rule = _RULES.get(type(model))
-  if rule is None:
-    return None
-  return lambda unit_map, sources: rule(model, unit_map, sources)
+  """The zoo's rule ``(model, unit_map, sources) -> module`` for ``model``'s class, or ``None``."""
+  return _RULES.get(type(model))
 
 
 def annotate(model, unit_map: UnitMap) -> UnitMap:
