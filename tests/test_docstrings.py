@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots',
            'data.pipeline', 'data.datasets', 'structure.unit_map', 'structure.trace',
-           'structure.surgery', 'structure.count']   # models: tests/test_models.py
+           'structure.surgery', 'structure.count', 'structure.masks', 'structure.export']   # models: tests/test_models.py
 
 
 @pytest.mark.parametrize('name', MODULES)
