@@ -1,0 +1,91 @@
+"""The compact network of a training run: its metrics each epoch, and ``dessilbi compact``.
+
+* :func:`compact_keep` is the keep-mask a run's state implies: Γ's support for
+  DessiLBI, the non-zero weights otherwise (GMP, the group lasso, a ticket);
+* :func:`compact_metrics` gives ``compact_test_acc``, ``compact_params`` and
+  ``compact_macs`` of the network :func:`~dessilbi_jax.structure.remove`
+  would give now (for the trainer's per-epoch metrics);
+* :func:`compact_run` reads a run directory's checkpoint and writes the
+  compact model (``dessilbi compact --run DIR [--epoch E] --out DIR2``).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dessilbi_jax import path as dl_path
+from dessilbi_jax.structure import export
+from dessilbi_jax.structure import masks
+from dessilbi_jax.structure import surgery
+from dessilbi_jax.structure.trace import trace
+from dessilbi_jax.structure.unit_map import UnitMap
+
+
+def compact_keep(unit_map: UnitMap, params, opt_state) -> dict[str, np.ndarray]:
+  """Γ's support if ``opt_state`` holds a DessiLBI state, else the non-zero weights of ``params``."""
+  if opt_state is not None and dl_path.find_states(opt_state):
+    return masks.keep_from_support(unit_map, opt_state)
+  return masks.keep_from_weights(unit_map, jax.tree.map(lambda w: np.asarray(w) != 0, jax.device_get(params)))
+
+
+def compact(model, variables, opt_state, input_shape, *, unit_map: Optional[UnitMap] = None):
+  """``(model, variables, unit_map)`` of the compact network of this state."""
+  variables = dict(variables)
+  if not variables.get('batch_stats'):
+    variables.pop('batch_stats', None)
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  unit_map = unit_map or trace(model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                                   variables), x)
+  keep = compact_keep(unit_map, variables['params'], opt_state)
+  small, small_vars, _ = surgery.remove(model, variables, unit_map, keep)
+  return small, small_vars, unit_map
+
+
+def compact_metrics(model, variables, opt_state, dataset: str, input_shape, *, data_dir=None,
+                    unit_map: Optional[UnitMap] = None) -> dict[str, Any]:
+  """``compact_test_acc``, ``compact_params`` and ``compact_macs`` of the compact network now."""
+  from dessilbi_jax import models, train  # pylint: disable=g-import-not-at-top
+  small, small_vars, _ = compact(model, variables, opt_state, input_shape, unit_map=unit_map)
+  return dict(compact_test_acc=train.evaluate(small, small_vars, dataset, data_dir=data_dir),
+              compact_params=models.count_params(small_vars['params']),
+              compact_macs=models.count_flops(small, tuple(input_shape)))
+
+
+def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True) -> dict[str, Any]:
+  """Writes the compact network of ``run_dir``'s checkpoint of ``epoch`` (default: latest) to ``out_dir``.
+
+  Returns (and writes to ``out_dir/compact.json``) the run, epoch, the compact
+  network's params, MACs and test accuracy, and the dense network's params and MACs.
+  """
+  from dessilbi_jax import checkpoint, data, models, train  # pylint: disable=g-import-not-at-top
+  run_dir = pathlib.Path(run_dir)
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise FileExistsError(f'--out {out_dir} exists and is not empty; pass a new directory (nothing is overwritten).')
+  cfg = train.load_config(run_dir)
+  model, info = train.build_model(cfg)
+  steps_per_epoch = data.steps_per_epoch(cfg.dataset, cfg.batch_size)
+  tx = train.make_optimizer(cfg, steps_per_epoch)
+  variables = train.init_variables(model, info.input_shape, jax.random.PRNGKey(0))
+  target = train.TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+                            batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(variables['params']),
+                            rng=jax.random.PRNGKey(0))
+  state, record = checkpoint.restore(run_dir / 'checkpoints', target, epoch=epoch)
+  dense = {'params': state.params, **({'batch_stats': state.batch_stats} if state.batch_stats else {})}
+  small, small_vars, _ = compact(model, dense, state.opt_state, info.input_shape)
+  description = export.save_compact(out_dir, small, small_vars, input_shape=info.input_shape)
+  report = dict(run=str(run_dir), epoch=int(record.get('epoch', -1)), out=str(out_dir), model=cfg.model,
+                compact_params=description['params'], compact_macs=description['macs'],
+                dense_params=models.count_params(state.params),
+                dense_macs=models.count_flops(model, tuple(info.input_shape)),
+                widths=description['kwargs'])
+  if evaluate:
+    report['compact_test_acc'] = train.evaluate(small, small_vars, cfg.dataset, data_dir=cfg.data_dir)
+  (out_dir / 'compact.json').write_text(json.dumps(report, indent=2) + '\n')
+  return report
