@@ -39,10 +39,13 @@ NeurIPS 2022, https://arxiv.org/abs/2208.04425.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from dessilbi_jax import grouping
 
 GAMMA = -0.1   # the stretched interval (γ, ζ) ⊃ [0, 1] puts mass on exactly 0 and 1
 ZETA = 1.1
@@ -152,3 +155,63 @@ def model_density(log_alphas: Any, group_sizes: Any) -> jax.Array:
   kept = sum(jax.tree.leaves(jax.tree.map(lambda a, n: jnp.sum(prob_active(a) * n), log_alphas, sizes)))
   total = sum(jax.tree.leaves(jax.tree.map(jnp.sum, sizes)))
   return kept / total
+
+
+def density_constraint(group_sizes: Any, target: Any, *, scope: str = 'layer') -> Callable[[Any], Any]:
+  """The constraint ``density − ε ≤ 0`` on gates, for :mod:`dessilbi_jax.constraints`.
+
+  Args:
+    group_sizes: ``|g|`` per gated layer, a pytree shaped like the gates (see
+      :func:`layer_densities`).
+    target: ``ε`` ∈ (0, 1]: one number, or with ``scope='layer'`` a mapping
+      ``{layer path: ε}`` (paths as :func:`dessilbi_jax.grouping.path_str`
+      writes them, e.g. ``'Dense_0'``); layers it does not name are unconstrained.
+    scope: ``'layer'``: one constraint per gated layer (a pytree of scalars shaped
+      like the gates); ``'model'``: one, on :func:`model_density`.
+
+  Returns:
+    ``log_alphas -> violations``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from dessilbi_jax import l0
+    >>> gates = {'Dense_0': jnp.array([30.0, -30.0]), 'Dense_1': jnp.array([30.0, 30.0])}
+    >>> per_layer = l0.density_constraint({'Dense_0': 4, 'Dense_1': 2}, 0.3)
+    >>> {k: round(float(v), 2) for k, v in per_layer(gates).items()}
+    {'Dense_0': 0.2, 'Dense_1': 0.7}
+    >>> round(float(l0.density_constraint({'Dense_0': 4, 'Dense_1': 2}, 0.3, scope='model')(gates)), 2)
+    0.37
+  """
+  if scope not in ('layer', 'model'):
+    raise ValueError(f"`scope` must be 'layer' or 'model', got {scope!r}.")
+  paths = [grouping.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(group_sizes)[0]]
+  if not paths:
+    raise ValueError('`group_sizes` names no gated layer: there is nothing to constrain.')
+  if isinstance(target, Mapping):
+    if scope == 'model':
+      raise ValueError("A target per layer needs scope='layer'; scope='model' takes one number.")
+    unknown = sorted(set(target) - set(paths))
+    if not target or unknown:
+      raise ValueError(f'The target names {unknown or "no layer"}; the gated layers are {paths}.')
+    for name, value in target.items():
+      _check_target(value, f'target[{name!r}]')
+  else:
+    _check_target(target, 'target')
+
+  if scope == 'model':
+    return lambda log_alphas: model_density(log_alphas, group_sizes) - target
+  if not isinstance(target, Mapping):
+    return lambda log_alphas: jax.tree.map(lambda d: d - target, layer_densities(log_alphas, group_sizes))
+
+  def per_layer(log_alphas):
+    densities = jax.tree_util.tree_flatten_with_path(layer_densities(log_alphas, group_sizes))[0]
+    return {grouping.path_str(p): d - target[grouping.path_str(p)]
+            for p, d in densities if grouping.path_str(p) in target}
+
+  return per_layer
+
+
+def _check_target(value: Any, name: str) -> None:
+  if not 0.0 < value <= 1.0:
+    raise ValueError(f'`{name}` must lie in (0, 1], the fraction of gated weights kept; got {value}.')

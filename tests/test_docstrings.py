@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots', 'l0',
+MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots', 'l0', 'constraints',
            'data.pipeline', 'data.datasets']   # models: tests/test_models.py
 
 

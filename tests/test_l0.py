@@ -128,3 +128,57 @@ def test_density_gradient_matches_closed_form():
 def test_model_density_of_no_gates_is_an_error():
   with pytest.raises(ValueError, match='no gates'):
     l0.model_density({}, {})
+
+
+GATES = {'Conv_0': jnp.array([30.0, -30.0, -30.0, 30.0]), 'Dense_0': jnp.array([30.0, 30.0, -30.0])}
+SIZES = {'Conv_0': 18, 'Dense_0': 5}
+
+
+def test_density_constraint_values():
+  per_layer = l0.density_constraint(SIZES, 0.4)(GATES)
+  assert float(per_layer['Conv_0']) == pytest.approx(0.5 - 0.4, abs=1e-6)
+  assert float(per_layer['Dense_0']) == pytest.approx(2 / 3 - 0.4, abs=1e-6)
+  model = l0.density_constraint(SIZES, 0.4, scope='model')(GATES)
+  assert float(model) == pytest.approx((36 + 10) / (72 + 15) - 0.4, abs=1e-6)
+  only_dense = l0.density_constraint(SIZES, {'Dense_0': 0.25})(GATES)
+  assert list(only_dense) == ['Dense_0']
+  assert float(only_dense['Dense_0']) == pytest.approx(2 / 3 - 0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize('target', [0.0, -0.1, 1.5, float('nan'), {'Dense_0': 0.0}])
+def test_density_constraint_rejects_target_outside_unit_interval(target):
+  with pytest.raises(ValueError, match=r'must lie in \(0, 1\]'):
+    l0.density_constraint(SIZES, target)
+
+
+@pytest.mark.parametrize('target, message', [
+    ({'Dense_9': 0.3}, r"names \['Dense_9'\]; the gated layers are \['Conv_0', 'Dense_0'\]"),
+    ({}, 'names no layer'),
+])
+def test_density_constraint_rejects_target_naming_no_layer(target, message):
+  with pytest.raises(ValueError, match=message):
+    l0.density_constraint(SIZES, target)
+
+
+def test_density_constraint_rejects_bad_scope_and_no_gates():
+  with pytest.raises(ValueError, match="scope='layer'"):
+    l0.density_constraint(SIZES, {'Dense_0': 0.3}, scope='model')
+  with pytest.raises(ValueError, match="'layer' or 'model'"):
+    l0.density_constraint(SIZES, 0.3, scope='global')
+  with pytest.raises(ValueError, match='no gated layer'):
+    l0.density_constraint({}, 0.3)
+
+
+def test_penalized_objective_gradient():
+  """Fixed multipliers give loss + λ·density: ∂/∂log_α_g = ∂loss + λ·P_g(1 − P_g)·|g|/N."""
+  from dessilbi_jax import constraints
+  log_alphas = {'Dense_0': jnp.array([-1.0, 0.0, 2.0])}
+  sizes = {'Dense_0': 4}
+  penalty = 0.3
+  dual = constraints.fixed_multipliers(penalty)
+  constraint_fn = l0.density_constraint(sizes, 1.0, scope='model')
+  objective = constraints.lagrangian(lambda a: jnp.sum(a['Dense_0'] ** 2), constraint_fn)
+  grads, _ = jax.grad(objective, has_aux=True)(log_alphas, dual.init(constraint_fn(log_alphas)).multipliers)
+  p = np.asarray(l0.prob_active(log_alphas['Dense_0']))
+  np.testing.assert_allclose(grads['Dense_0'], 2 * np.array([-1.0, 0.0, 2.0]) + penalty * p * (1 - p) * 4 / 12,
+                             rtol=1e-5)
