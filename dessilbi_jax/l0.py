@@ -95,6 +95,13 @@ def sample_gates(key: jax.Array, log_alpha: jax.Array) -> jax.Array:
   return stretched_sigmoid(s)
 
 
+def sample_gates_tree(key: jax.Array, log_alphas: Any) -> Any:
+  """:func:`sample_gates` for every leaf of a pytree of gates, one key per leaf split from ``key``."""
+  leaves, treedef = jax.tree.flatten(log_alphas)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [sample_gates(k, a) for k, a in zip(keys, leaves)])
+
+
 def median_gates(log_alpha: jax.Array) -> jax.Array:
   """The test-time gate ``ẑ = clip(sigmoid(log_α/β)·(ζ − γ) + γ, 0, 1)``: z's median (u = ½)."""
   return stretched_sigmoid(jax.nn.sigmoid(log_alpha / BETA))
