@@ -14,7 +14,8 @@ ascent in λ, since ``∂L/∂λ_k = g_k``):
   3. λ_k ← max(λ_k, 0)                   (projection onto λ ≥ 0)
 
 with the multipliers starting at 0. :func:`dual_ascent` keeps and updates the
-multipliers; :func:`fixed_multipliers` holds them constant, which turns the same
+multipliers (:func:`dual_sgd`: the same step as an optax optimizer, for loops
+that train the multipliers beside other state); :func:`fixed_multipliers` holds them constant, which turns the same
 training code into the penalized problem ``loss + λ·g`` (the penalized L0
 baseline: ``g`` the expected density, ``λ`` the penalty). :func:`lagrangian`
 wraps a loss and any callable constraint into the function to differentiate.
@@ -82,6 +83,19 @@ def _zeros_like(values: Any) -> Any:
   return jax.tree.map(lambda g: jnp.zeros(jnp.shape(g), jnp.result_type(g, jnp.float32)), values)
 
 
+def _dual_step(multipliers: Any, violations: Any, eta, restarts: bool) -> Any:
+  """``λ ← max(λ + η·g, 0)``, then ``λ ← 0`` where ``g < 0`` if ``restarts``."""
+  def step(multiplier, g):
+    g = jnp.asarray(g, multiplier.dtype)
+    multiplier = jnp.maximum(multiplier + eta * g, 0.0)
+    return jnp.where(g < 0, 0.0, multiplier) if restarts else multiplier
+  return jax.tree.map(step, multipliers, violations)
+
+
+def _eta(learning_rate: optax.ScalarOrSchedule, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
 def dual_ascent(learning_rate: optax.ScalarOrSchedule, *, restarts: bool = True) -> DualTransformation:
   """Dual SGD on the multipliers, with dual restarts and the projection onto λ ≥ 0.
 
@@ -101,17 +115,32 @@ def dual_ascent(learning_rate: optax.ScalarOrSchedule, *, restarts: bool = True)
     return DualState(count=jnp.zeros([], jnp.int32), multipliers=_zeros_like(constraint_values))
 
   def update(state, violations):
-    eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
-
-    def step(multiplier, g):
-      g = jnp.asarray(g, multiplier.dtype)
-      multiplier = jnp.maximum(multiplier + eta * g, 0.0)
-      return jnp.where(g < 0, 0.0, multiplier) if restarts else multiplier
-
-    return DualState(count=optax.safe_int32_increment(state.count),
-                     multipliers=jax.tree.map(step, state.multipliers, violations))
+    multipliers = _dual_step(state.multipliers, violations, _eta(learning_rate, state.count), restarts)
+    return DualState(count=optax.safe_int32_increment(state.count), multipliers=multipliers)
 
   return DualTransformation(init, update)
+
+
+def dual_sgd(learning_rate: optax.ScalarOrSchedule, *, restarts: bool = True) -> optax.GradientTransformation:
+  """:func:`dual_ascent` as an optax optimizer of the multipliers, for training loops that own them.
+
+  The gradient of ``Σ_k λ_k·g_k`` in ``λ`` is ``g``: give this transformation
+  those gradients and the multipliers as ``params`` (required) and
+  ``optax.apply_updates`` makes the same step as :func:`dual_ascent` (ascent,
+  restarts, projection). Initialize the multipliers at 0.
+  """
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('dual_sgd needs the multipliers: call update(grads, state, params=multipliers).')
+    new = _dual_step(params, updates, _eta(learning_rate, state.count), restarts)
+    return (jax.tree.map(lambda n, p: n - p, new, params),
+            optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count)))
+
+  return optax.GradientTransformation(init, update)
 
 
 def fixed_multipliers(value: Any) -> DualTransformation:

@@ -139,3 +139,23 @@ def test_restarts_release_a_constraint_that_stops_binding():
   x, lam = _gda(a, budget, restarts=True, steps=300, x0=x0)
   assert float(lam['sum']) == 0.0
   np.testing.assert_allclose(x, a, atol=1e-5)
+
+
+def test_dual_sgd_makes_the_dual_ascent_step():
+  """As an optax optimizer fed ∂(Σλ·g)/∂λ = g, the same step as dual_ascent."""
+  rng = np.random.default_rng(1)
+  schedule = optax.linear_schedule(0.5, 0.1, 20)
+  dual, tx = constraints.dual_ascent(schedule), constraints.dual_sgd(schedule)
+  state = dual.init(jnp.zeros(6))
+  multipliers, tx_state = jnp.zeros(6), tx.init(jnp.zeros(6))
+  update = jax.jit(tx.update)
+  for _ in range(20):
+    g = jnp.asarray(rng.normal(0.2, 1.0, 6), jnp.float32)
+    grads = jax.grad(lambda lam: jnp.sum(lam * g))(multipliers)
+    updates, tx_state = update(grads, tx_state, multipliers)
+    multipliers = optax.apply_updates(multipliers, updates)
+    state = dual.update(state, g)
+    np.testing.assert_allclose(multipliers, state.multipliers, rtol=1e-6, atol=1e-7)
+  assert np.all(multipliers >= 0) and np.any(multipliers > 0)
+  with pytest.raises(ValueError, match='params=multipliers'):
+    tx.update(grads, tx_state)
