@@ -10,19 +10,19 @@ descent–ascent, Gallego-Posada et al. 2022):
   λ ← dual(λ, density − ε)      (dual SGD, restarts, λ ≥ 0; or fixed: the penalized problem)
 
 ``apply_fn(params, z, images) -> logits`` says how the gates act on the model:
-:func:`dessilbi_jax.gates.gate_weights` for weight groups, the unit map for
+:func:`dessilbi_jax.weight_gates.gate_weights` for weight groups, the unit map for
 channels followed by BatchNorm. Evaluation uses the median gates.
 
 Example: the input neurons of an MLP on random data, kept at 30 % model-wise::
 
   >>> import jax, jax.numpy as jnp, optax
-  >>> from dessilbi_jax import constraints, gates, l0, l0_training, models
+  >>> from dessilbi_jax import constraints, l0, l0_training, models, weight_gates
   >>> model = models.MLP(widths=(16,), num_classes=3)
   >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8)))['params']
-  >>> kinds = gates.resolve_gated(params, {'kernel': 'input'})
-  >>> params, log_alphas = gates.init_gates(jax.random.key(1), params, kinds, droprate_init=0.5)
-  >>> apply_fn = lambda p, z, x: model.apply({'params': gates.gate_weights(p, z, kinds)}, x)
-  >>> constraint_fn = l0.density_constraint(gates.group_sizes(params, kinds), 0.3, scope='model')
+  >>> kinds = weight_gates.resolve_gated(params, {'kernel': 'input'})
+  >>> params, log_alphas = weight_gates.init_gates(jax.random.key(1), params, kinds, droprate_init=0.5)
+  >>> apply_fn = lambda p, z, x: model.apply({'params': weight_gates.gate_weights(p, z, kinds)}, x)
+  >>> constraint_fn = l0.density_constraint(weight_gates.group_sizes(params, kinds), 0.3, scope='model')
   >>> init, step = l0_training.l0_train_step(apply_fn, constraint_fn, optax.sgd(0.1, momentum=0.9),
   ...                                        optax.sgd(1.0), constraints.dual_ascent(1e-2))
   >>> state = init(params, log_alphas)

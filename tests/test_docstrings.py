@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots', 'l0', 'constraints', 'gates', 'l0_training',
+MODULES = ['optimizer', 'prox', 'grouping', 'path', 'baselines', 'checkpoint', 'train', 'plots', 'l0', 'constraints', 'weight_gates', 'l0_training',
            'data.pipeline', 'data.datasets']   # models: tests/test_models.py
 
 

@@ -8,10 +8,10 @@ import pytest
 
 from dessilbi_jax import constraints
 from dessilbi_jax import data
-from dessilbi_jax import gates
 from dessilbi_jax import l0
 from dessilbi_jax import l0_training
 from dessilbi_jax import models
+from dessilbi_jax import weight_gates
 
 TARGET = 0.3
 STEPS = 400
@@ -33,10 +33,10 @@ def _run(digits, dual, constraint_of, steps=STEPS, seed=0):
   x, y, xt, yt = digits
   model = models.MLP(widths=(64,), num_classes=10)
   params = model.init(jax.random.key(seed), x[:1])['params']
-  kinds = gates.resolve_gated(params, {'kernel': 'input'})
-  params, log_alphas = gates.init_gates(jax.random.key(seed + 1), params, kinds, droprate_init=0.5)
-  sizes = gates.group_sizes(params, kinds)
-  apply_fn = lambda p, z, images: model.apply({'params': gates.gate_weights(p, z, kinds)}, images)
+  kinds = weight_gates.resolve_gated(params, {'kernel': 'input'})
+  params, log_alphas = weight_gates.init_gates(jax.random.key(seed + 1), params, kinds, droprate_init=0.5)
+  sizes = weight_gates.group_sizes(params, kinds)
+  apply_fn = lambda p, z, images: model.apply({'params': weight_gates.gate_weights(p, z, kinds)}, images)
   init, step = l0_training.l0_train_step(apply_fn, constraint_of(sizes), optax.sgd(0.1, momentum=0.9),
                                          optax.sgd(GATES_LR), dual)
   state, step = init(params, log_alphas), jax.jit(step)

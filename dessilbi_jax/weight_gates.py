@@ -6,24 +6,28 @@ paper's choice for dense layers), ``'neuron'`` one output unit, ``'filter'`` one
 output filter of a conv *without* normalization after it, ``'lasso'`` one weight.
 The gates are ``{leaf path: log_α}``, a flat dict of arrays of each leaf's
 per-group shape, so that :mod:`dessilbi_jax.l0` measures their densities and
-:func:`dessilbi_jax.l0.density_constraint` names them by path. (A conv followed
-by BatchNorm is gated on the BN's scale and bias instead; that goes through the
-unit map.)
+:func:`dessilbi_jax.l0.density_constraint` names them by path.
+
+Gates on units (channels, neurons) through the unit map are
+:mod:`dessilbi_jax.unit_gates`: use those for a conv followed by BatchNorm
+(whose scale and bias must carry the gate). These weight gates cover what the
+unit map does not: the network's own input features (``'input'`` on the first
+dense layer) and single weights (unstructured L0).
 
 Example: the input neurons of an MLP's two dense layers::
 
   >>> import jax, jax.numpy as jnp
-  >>> from dessilbi_jax import gates, models
+  >>> from dessilbi_jax import models, weight_gates
   >>> model = models.MLP(widths=(8,), num_classes=3)
   >>> params = model.init(jax.random.key(0), jnp.zeros((1, 5)))['params']
-  >>> kinds = gates.resolve_gated(params, {'kernel': 'input'})
-  >>> params, log_alphas = gates.init_gates(jax.random.key(1), params, kinds, droprate_init=0.5)
+  >>> kinds = weight_gates.resolve_gated(params, {'kernel': 'input'})
+  >>> params, log_alphas = weight_gates.init_gates(jax.random.key(1), params, kinds, droprate_init=0.5)
   >>> {k: v.shape for k, v in log_alphas.items()}
   {'Dense_0/kernel': (5, 1), 'Dense_1/kernel': (8, 1)}
-  >>> gates.group_sizes(params, kinds)          # one row of 8, one row of 3
+  >>> weight_gates.group_sizes(params, kinds)          # one row of 8, one row of 3
   {'Dense_0/kernel': 8, 'Dense_1/kernel': 3}
   >>> z = {k: jnp.zeros_like(v) for k, v in log_alphas.items()}
-  >>> logits = model.apply({'params': gates.gate_weights(params, z, kinds)}, jnp.ones((1, 5)))
+  >>> logits = model.apply({'params': weight_gates.gate_weights(params, z, kinds)}, jnp.ones((1, 5)))
   >>> bool(jnp.all(logits == params['Dense_1']['bias']))    # every gate shut
   True
 """
