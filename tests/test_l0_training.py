@@ -39,16 +39,21 @@ def _run(digits, dual, constraint_of, steps=STEPS, seed=0):
   apply_fn = lambda p, z, images: model.apply({'params': weight_gates.gate_weights(p, z, kinds)}, images)
   init, step = l0_training.l0_train_step(apply_fn, constraint_of(sizes), optax.sgd(0.1, momentum=0.9),
                                          optax.sgd(GATES_LR), dual)
-  state, step = init(params, log_alphas), jax.jit(step)
   rng, key = np.random.default_rng(seed), jax.random.key(seed + 2)
-  history = []
-  for t in range(steps):
-    batch = rng.integers(0, len(x), 128)
-    before = state.log_alphas
-    state, metrics = step(state, x[batch], y[batch], jax.random.fold_in(key, t))
-    history.append((before, metrics))
+  batches = rng.integers(0, len(x), (steps, 128))
+
+  @jax.jit
+  def train(state):
+    def body(state, t):
+      batch = batches_device[t]
+      new_state, metrics = step(state, images[batch], labels[batch], jax.random.fold_in(key, t))
+      return new_state, (metrics, state.log_alphas)
+    return jax.lax.scan(body, state, jnp.arange(steps))
+
+  images, labels, batches_device = jnp.asarray(x), jnp.asarray(y), jnp.asarray(batches)
+  state, (metrics, log_alphas_before) = train(init(params, log_alphas))
   accuracy = float(np.mean(np.asarray(l0_training.eval_logits(apply_fn, state, xt)).argmax(-1) == yt))
-  return state, sizes, history, accuracy
+  return state, sizes, (metrics, log_alphas_before), accuracy
 
 
 @pytest.mark.parametrize('scope', ['model', 'layer'])
@@ -57,16 +62,17 @@ def test_constrained_run_ends_within_a_point_of_the_target(digits, scope):
       digits, constraints.dual_ascent(DUAL_LR), lambda sizes: l0.density_constraint(sizes, TARGET, scope=scope))
   densities = ([l0.model_density(state.log_alphas, sizes)] if scope == 'model'
                else list(l0.layer_densities(state.log_alphas, sizes).values()))
-  # Measured: model-wise 0.304, layer-wise 0.304 / 0.303 (seed 0); from 0.92 at init.
+  # Measured (seed 0): model-wise 0.304 (layers 0.240 / 0.714), layer-wise 0.304 / 0.303; 0.92 at init.
   for density in densities:
     assert abs(float(density) - TARGET) <= 0.01
-  assert accuracy > 0.85   # the gated network still classifies (≈ 0.92 measured)
+  assert accuracy > 0.85   # the median-gated network still classifies (0.938 / 0.915 measured)
   assert all(float(a.min()) >= -l0.LOG_ALPHA_BOUND - 1e-6 and float(a.max()) <= l0.LOG_ALPHA_BOUND + 1e-6
              for a in state.log_alphas.values())
   # The dual step saw the constraint at the step's own primal point.
-  before, metrics = history[-1]
-  expected = l0.density_constraint(sizes, TARGET, scope=scope)(before)
-  for got, want in zip(jax.tree.leaves(metrics['violations']), jax.tree.leaves(expected)):
+  metrics, before = history
+  last = lambda tree: jax.tree.map(lambda v: v[-1], tree)
+  expected = l0.density_constraint(sizes, TARGET, scope=scope)(last(before))
+  for got, want in zip(jax.tree.leaves(last(metrics['violations'])), jax.tree.leaves(expected)):
     assert float(got) == pytest.approx(float(want), abs=1e-6)
 
 
@@ -75,7 +81,7 @@ def test_penalized_run_keeps_lambda_and_sparsifies_with_it(digits):
   final = {}
   for penalty in (0.0, 2.0):
     state, sizes, history, _ = _run(digits, constraints.fixed_multipliers(penalty), density, steps=100)
-    assert all(float(m['multipliers']) == penalty for _, m in history)
+    assert np.all(np.asarray(history[0]['multipliers']) == penalty)
     final[penalty] = float(l0.model_density(state.log_alphas, sizes))
-  # No penalty: the loss alone moves the gates little; the penalty pulls density well below.
+  # No penalty: the loss alone moves the gates little (0.88 measured); λ = 2 pulls it to 0.50.
   assert final[2.0] < final[0.0] - 0.2
