@@ -16,7 +16,9 @@ kernel and bias. The gates are ``{group name: log_α of shape (units,)}``.
   weight rescaling by ``1/(1 − p₀)``;
 * :func:`apply_gates`: the network with sampled (training) or median (test) gates;
 * :func:`purge`: the plain, smaller network: median gates folded into the
-  weights, shut units removed.
+  weights, shut units removed;
+* :func:`summary`: expected density, purged params and purged MACs, reported
+  separately (they differ).
 
 Example::
 
@@ -135,3 +137,23 @@ def purge(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, 
   keep = {name: np.asarray(l0.median_gates(a)) > 0 for name, a in log_alphas.items()}
   new_model, new_variables, _ = structure.remove(model, folded, unit_map, keep)
   return new_model, new_variables
+
+
+def summary(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array]) -> dict[str, float]:
+  """The three sizes of a gated network, each a fraction of the ungated one's.
+
+  * ``expected_density``: the model-wise expected L0 density of the gated
+    groups (:func:`dessilbi_jax.l0.model_density`, producer kernels only);
+  * ``purged_params`` and ``purged_macs``: params and multiply-accumulates of
+    the network :func:`purge` gives (all layers), by the unit map's count.
+
+  They differ: a removed unit also takes the next layer's input slices with it,
+  and ungated layers count in the totals.
+  """
+  names = tuple(log_alphas)
+  density = l0.model_density(dict(log_alphas), group_sizes(variables, unit_map, names))
+  keep = {name: np.asarray(l0.median_gates(a)) > 0 for name, a in log_alphas.items()}
+  params, macs = structure.count(unit_map, variables, keep)
+  full_params, full_macs = structure.count(unit_map, variables)
+  return {'expected_density': float(density), 'purged_params': params / full_params,
+          'purged_macs': macs / full_macs}

@@ -172,3 +172,22 @@ def test_exclude_must_name_gateable_groups(resnet):
 def test_docstring_examples_run():
   result = doctest.testmod(unit_gates, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_summary_counts_the_purged_network():
+  model = models.get_model('lenet5', 10, (8, 8, 1), widths=(4, 8, 16, 16))
+  x = X_IMAGES[:1, ..., :1]
+  variables = _variables(model, x)
+  unit_map = structure.trace(model, variables, x)
+  names = unit_gates.gated_groups(unit_map)
+  log_alphas = _mixed_log_alphas(unit_map, names, jax.random.key(8))
+  report = unit_gates.summary(variables, unit_map, log_alphas)
+  small_model, small_vars = unit_gates.purge(variables, unit_map, log_alphas)
+  # Against the purged network itself, counted by the model zoo's own counters.
+  assert report['purged_params'] == pytest.approx(
+      models.count_params(small_vars['params']) / models.count_params(variables['params']))
+  assert report['purged_macs'] == pytest.approx(
+      models.count_flops(small_model, (8, 8, 1)) / models.count_flops(model, (8, 8, 1)))
+  sizes = unit_gates.group_sizes(variables, unit_map, names)
+  assert report['expected_density'] == pytest.approx(float(l0.model_density(log_alphas, sizes)))
+  assert 0 < report['purged_params'] < 1 and report['purged_params'] != pytest.approx(report['expected_density'])
