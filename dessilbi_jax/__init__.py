@@ -10,10 +10,15 @@ DessiLBI (Fu et al., ICML 2020) as an Optax gradient transformation::
 
 Submodules: ``grouping`` (the grouping rule), ``prox`` (proximal maps),
 ``optimizer`` (the update rule), ``path`` (reading the path off the state),
-``models``, ``data``, ``train``, ``baselines`` (import them by name).
+``models``, ``data``, ``train``, ``baselines`` (import them by name); for
+controlled sparsity ``l0`` (hard-concrete gates), ``constraints`` (Lagrange
+multipliers), ``weight_gates`` and ``unit_gates`` (gates on a model) and
+``l0_training`` (one constrained step).
 """
 
+from dessilbi_jax import constraints
 from dessilbi_jax import grouping
+from dessilbi_jax import l0
 from dessilbi_jax import prox
 from dessilbi_jax.optimizer import DessiLBIState
 from dessilbi_jax.optimizer import dessilbi
@@ -31,11 +36,13 @@ __version__ = '0.1.0'
 
 __all__ = (
     'DessiLBIState',
+    'constraints',
     'dessilbi',
     'entry_step',
     'find_states',
     'gamma',
     'grouping',
+    'l0',
     'nonzero_summary',
     'prox',
     'prune_by_order',
