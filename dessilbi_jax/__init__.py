@@ -10,11 +10,17 @@ DessiLBI (Fu et al., ICML 2020) as an Optax gradient transformation::
 
 Submodules: ``grouping`` (the grouping rule), ``prox`` (proximal maps),
 ``optimizer`` (the update rule), ``cpu_schedule`` (the order of its writes
-on the CPU), ``path`` (reading the path off the state),
-``models``, ``data``, ``train``, ``baselines`` (import them by name).
+on the CPU), ``path`` (reading the path off the state), ``models``, ``data``,
+``train``, ``baselines``, ``structure`` (the unit map: remove, zero, widen,
+gate, count), ``growth`` (growing networks); for controlled sparsity ``l0``
+(hard-concrete gates), ``constraints`` (Lagrange multipliers), ``weight_gates``
+and ``unit_gates`` (gates on a model), ``l0_training`` (one constrained step)
+and ``target_density`` (steering λ) (import them by name).
 """
 
+from dessilbi_jax import constraints
 from dessilbi_jax import grouping
+from dessilbi_jax import l0
 from dessilbi_jax import prox
 from dessilbi_jax.optimizer import DessiLBIState
 from dessilbi_jax.optimizer import dessilbi
@@ -32,11 +38,13 @@ __version__ = '0.1.0'
 
 __all__ = (
     'DessiLBIState',
+    'constraints',
     'dessilbi',
     'entry_step',
     'find_states',
     'gamma',
     'grouping',
+    'l0',
     'nonzero_summary',
     'prox',
     'prune_by_order',

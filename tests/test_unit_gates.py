@@ -1,0 +1,193 @@
+"""Gates through the unit map: BN gating is output scaling; purge keeps the test-time logits."""
+
+import doctest
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+structure = pytest.importorskip('dessilbi_jax.structure')
+if not hasattr(structure, 'gate'):
+  pytest.skip('the unit map has no gate operation yet (branch issue11)', allow_module_level=True)
+
+from dessilbi_jax import l0  # pylint: disable=g-import-not-at-top
+from dessilbi_jax import models  # pylint: disable=g-import-not-at-top
+from dessilbi_jax import unit_gates  # pylint: disable=g-import-not-at-top
+
+X_IMAGES = jax.random.normal(jax.random.key(3), (5, 8, 8, 3))
+
+
+def _variables(model, x, seed=0):
+  """Random variables of the model's shapes (BN variances and scales > 0), so no identity hides a bug.
+
+  Built in NumPy from ``eval_shape``: compiling a model's initializers costs
+  seconds on a loaded CPU, and random values test more than the init's.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    return jnp.asarray(np.exp(0.3 * noise) if str(getattr(path[-1], 'key', '')) in ('var', 'scale') else 0.5 * noise)
+
+  return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, jax.random.key(0), x))
+
+
+def _apply(model, variables, x):
+  return jax.jit(model.apply)(variables, x)
+
+
+@pytest.fixture(scope='module')
+def resnet():
+  """A ResNet with one basic block per stage, two stages of 4 and 8 channels, BN everywhere."""
+  model = models.CifarResNet(stage_sizes=(1, 1), widths=(4, 8), num_classes=3)
+  variables = _variables(model, X_IMAGES)
+  unit_map = structure.trace(model, variables, X_IMAGES)
+  return model, variables, unit_map
+
+
+def _mixed_log_alphas(unit_map, names, key):
+  """Per unit: shut (ẑ = 0), fractional ẑ, or open, so purge both folds and removes."""
+  out = {}
+  for name, k in zip(names, jax.random.split(key, len(names))):
+    size = unit_map[name].size
+    choice = jax.random.choice(k, jnp.array([-4.0, -0.8, 0.3, 4.0]), (size,))
+    out[name] = choice.at[0].set(-4.0).at[-1].set(0.3)   # at least one shut, one fractional
+  return out
+
+
+def test_gating_through_batch_norm_multiplies_the_units_output(resnet):
+  model, variables, unit_map = resnet
+  names = unit_gates.gated_groups(unit_map)
+  assert names and all(not unit_map[n].is_stream for n in names)
+  log_alphas = _mixed_log_alphas(unit_map, names, jax.random.key(4))
+  z = {n: l0.median_gates(a) for n, a in log_alphas.items()}
+  gated = _apply(model, unit_gates.apply_gates(variables, unit_map, log_alphas), X_IMAGES)
+
+  # Reference: the ungated network with the output of the BatchNorm after each
+  # gated producer multiplied by z (flax's method interception, no params touched).
+  after = {}
+  for name in names:
+    producer = unit_map[name].producers[0]
+    (norm,) = {s.path[:-1] for s in unit_map[name].slices if s.role == 'norm' and s.layer == producer.path[:-1]}
+    after[norm] = z[name]
+
+  def scale_outputs(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      factor = after.get(tuple(context.module.path))
+      if factor is not None:
+        return out * factor
+    return out
+
+  with nn.intercept_methods(scale_outputs):   # the interceptor acts while jit traces
+    expected = jax.jit(lambda v, x: model.apply(v, x))(variables, X_IMAGES)
+  assert len(after) == len(names)
+  np.testing.assert_allclose(gated, expected, rtol=1e-5, atol=1e-6)
+  # A shut gate is a removed unit, not a zeroed filter that still emits BN's bias.
+  assert not np.allclose(gated, _apply(model, variables, X_IMAGES), rtol=1e-3)
+
+
+@pytest.mark.parametrize('name', ['resnet', 'lenet'])
+def test_purged_network_equals_gated_network_at_test_time(resnet, name):
+  if name == 'resnet':
+    model, variables, unit_map = resnet
+    x = X_IMAGES
+  else:
+    model = models.get_model('lenet5', 10, (8, 8, 1), widths=(4, 8, 16, 16))
+    x = X_IMAGES[..., :1]
+    variables = _variables(model, x)
+    unit_map = structure.trace(model, variables, x)
+  names = unit_gates.gated_groups(unit_map)
+  log_alphas = _mixed_log_alphas(unit_map, names, jax.random.key(5))
+  gated = _apply(model, unit_gates.apply_gates(variables, unit_map, log_alphas), x)
+  small_model, small_vars = unit_gates.purge(variables, unit_map, log_alphas)
+  np.testing.assert_allclose(_apply(small_model, small_vars, x), gated, rtol=1e-5, atol=1e-6)
+  # Exactly the units with ẑ > 0 remain.
+  kept = sum(int(np.sum(l0.median_gates(a) > 0)) for a in log_alphas.values())
+  removed_map = structure.trace(small_model, small_vars, x)
+  assert sum(removed_map[n].size for n in names) == kept
+  assert kept < sum(unit_map[n].size for n in names)
+
+
+def test_group_sizes_and_expected_density_hand_count():
+  # LeNet-5 (widths 4, 8, 16, 16) on 8x8 inputs: one unit of a conv owns a 5x5 filter over its
+  # inputs, one dense neuron a column of the kernel.
+  model = models.get_model('lenet5', 10, (8, 8, 1), widths=(4, 8, 16, 16))
+  x = jnp.zeros((1, 8, 8, 1))
+  variables = _variables(model, x)
+  unit_map = structure.trace(model, variables, x)
+  names = unit_gates.gated_groups(unit_map)
+  assert names == ('Conv_0', 'Conv_1', 'Dense_0', 'Dense_1')
+  params = variables['params']
+  dense_in = params['Dense_0']['kernel'].shape[0]
+  sizes = unit_gates.group_sizes(variables, unit_map, names)
+  assert sizes == {'Conv_0': 5 * 5 * 1, 'Conv_1': 5 * 5 * 4, 'Dense_0': dense_in, 'Dense_1': 16}
+  # Shut half of Conv_1's filters and every Dense_1 neuron; the rest open.
+  log_alphas = {n: jnp.full((unit_map[n].size,), 30.0) for n in names}
+  log_alphas['Conv_1'] = log_alphas['Conv_1'].at[:4].set(-30.0)
+  log_alphas['Dense_1'] = jnp.full((16,), -30.0)
+  layer = l0.layer_densities(log_alphas, sizes)
+  assert float(layer['Conv_1']) == pytest.approx(0.5) and float(layer['Dense_1']) == pytest.approx(0.0)
+  total = 4 * 25 + 8 * 100 + 16 * dense_in + 16 * 16
+  assert float(l0.model_density(log_alphas, sizes)) == pytest.approx(
+      (4 * 25 + 4 * 100 + 16 * dense_in) / total, rel=1e-6)
+
+
+def test_init_rescales_and_training_gates_are_differentiable(resnet):
+  model, variables, unit_map = resnet
+  names = unit_gates.gated_groups(unit_map)
+  rescaled, log_alphas = unit_gates.init_unit_gates(jax.random.key(6), variables, unit_map, names, 0.3)
+  # All gates at 1/(1 − p₀) is the network with those units' outputs scaled by 1/0.7.
+  ones = {n: jnp.full_like(a, 1 / 0.7) for n, a in log_alphas.items()}
+  np.testing.assert_allclose(_apply(model, rescaled, X_IMAGES),
+                             _apply(model, structure.gate(variables, unit_map, ones), X_IMAGES), rtol=1e-6)
+  assert float(l0.model_density(log_alphas, unit_gates.group_sizes(variables, unit_map, names))) == \
+      pytest.approx(0.92, abs=0.01)
+
+  def loss(log_alphas):
+    gated = unit_gates.apply_gates(rescaled, unit_map, log_alphas, key=jax.random.key(7))
+    return jnp.sum(model.apply(gated, X_IMAGES) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(log_alphas)
+  assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads.values())
+
+
+def test_gates_on_a_model_without_units_are_an_error():
+  model = models.get_model('mlp', 3, (4,), widths=())
+  x = jnp.zeros((1, 4))
+  variables = _variables(model, x)
+  with pytest.raises(ValueError, match='no unit group to gate'):
+    unit_gates.gated_groups(structure.trace(model, variables, x))
+
+
+def test_exclude_must_name_gateable_groups(resnet):
+  _, _, unit_map = resnet
+  with pytest.raises(ValueError, match='not gateable groups'):
+    unit_gates.gated_groups(unit_map, exclude=['Dense_0'])
+
+
+def test_docstring_examples_run():
+  result = doctest.testmod(unit_gates, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
+
+
+def test_summary_counts_the_purged_network():
+  model = models.get_model('lenet5', 10, (8, 8, 1), widths=(4, 8, 16, 16))
+  x = X_IMAGES[:1, ..., :1]
+  variables = _variables(model, x)
+  unit_map = structure.trace(model, variables, x)
+  names = unit_gates.gated_groups(unit_map)
+  log_alphas = _mixed_log_alphas(unit_map, names, jax.random.key(8))
+  report = unit_gates.summary(variables, unit_map, log_alphas)
+  small_model, small_vars = unit_gates.purge(variables, unit_map, log_alphas)
+  # Against the purged network itself, counted by the model zoo's own counters.
+  assert report['purged_params'] == pytest.approx(
+      models.count_params(small_vars['params']) / models.count_params(variables['params']))
+  assert report['purged_macs'] == pytest.approx(
+      models.count_flops(small_model, (8, 8, 1)) / models.count_flops(model, (8, 8, 1)))
+  sizes = unit_gates.group_sizes(variables, unit_map, names)
+  assert report['expected_density'] == pytest.approx(float(l0.model_density(log_alphas, sizes)))
+  assert 0 < report['purged_params'] < 1 and report['purged_params'] != pytest.approx(report['expected_density'])
