@@ -299,8 +299,8 @@ def plot(settings: list[Setting], rows_by_dataset: dict[str, list[dict]], path: 
 
 def describe(cfg: train.TrainConfig) -> str:
   """One line of a preset's hyperparameters."""
-  lambdas = (', '.join(f'{lam:g} for {kind}' for kind, lam in cfg.lambda_) if isinstance(cfg.lambda_, tuple)
-             else f'{cfg.lambda_:g}')
+  lambdas = (', '.join(f'{lam:g} for {kind}' for kind, lam in cfg.lambdas) if isinstance(cfg.lambdas, tuple)
+             else f'{cfg.lambdas:g}')
   decays = ', '.join(str(e) for e in cfg.lr_decay_epochs) or 'never'
   return (f'{cfg.model}, {cfg.epochs} epochs of batch {cfg.batch_size}, lr {cfg.lr:g} × {cfg.lr_decay:g} after '
           f'epoch {decays}, momentum {cfg.momentum:g}, weight decay {cfg.weight_decay:g}; DessiLBI κ = '

@@ -271,7 +271,7 @@ class GroupLassoProxState(NamedTuple):
 
 def group_lasso_prox(
     learning_rate: optax.ScalarOrSchedule,
-    lambda_: float,
+    penalty: float,
     *,
     groups: grouping.GroupsRule = None,
     normalize_groups: bool = False,
@@ -285,7 +285,7 @@ def group_lasso_prox(
   """
   if not callable(learning_rate):
     _check_nonnegative('learning_rate', learning_rate)
-  _check_nonnegative('lambda_', lambda_)
+  _check_nonnegative('penalty', penalty)
 
   def init_fn(params):
     grouping.resolve_kinds(params, groups)
@@ -301,7 +301,7 @@ def group_lasso_prox(
     def leaf(u, w_new, w, kind):
       if kind is None:
         return u
-      shrunk, _ = prox.group_prox(w_new, kind, alpha * lambda_, normalize_groups)
+      shrunk, _ = prox.group_prox(w_new, kind, alpha * penalty, normalize_groups)
       return (shrunk - w).astype(u.dtype)
 
     new_updates = jax.tree.map(leaf, updates, proposed, params, kinds, is_leaf=_is_none)
@@ -312,7 +312,7 @@ def group_lasso_prox(
 
 def prox_group_lasso(
     learning_rate: optax.ScalarOrSchedule,
-    lambda_: float,
+    penalty: float,
     *,
     momentum: float = 0.9,
     nesterov: bool = False,
@@ -350,7 +350,7 @@ def prox_group_lasso(
   return optax.chain(
       decay,
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-      group_lasso_prox(learning_rate, lambda_, groups=groups, normalize_groups=normalize_groups),
+      group_lasso_prox(learning_rate, penalty, groups=groups, normalize_groups=normalize_groups),
   )
 
 
@@ -365,7 +365,7 @@ def make_baseline(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     sparsity: float = 0.9,
-    lambda_: float = 1e-3,
+    penalty: float = 1e-3,
     groups: grouping.GroupsRule = None,
 ) -> optax.GradientTransformation:
   """A baseline by name, with the schedule used by the benchmarks.
@@ -374,14 +374,14 @@ def make_baseline(
     (:func:`unstructured`), to ``sparsity``;
   * ``'gmp_structured'``: the same with ``groups`` (default: DessiLBI's
     filters for conv kernels, single weights for dense kernels);
-  * ``'prox_group_lasso'``: :func:`prox_group_lasso` with ``lambda_``.
+  * ``'prox_group_lasso'``: :func:`prox_group_lasso` with ``penalty``.
 
   GMP follows :func:`pruning_steps`.
   """
   if name not in BASELINES:
     raise ValueError(f'Unknown baseline {name!r}; choose one of {BASELINES}.')
   if name == 'prox_group_lasso':
-    return prox_group_lasso(learning_rate, lambda_, momentum=momentum, weight_decay=weight_decay, groups=groups)
+    return prox_group_lasso(learning_rate, penalty, momentum=momentum, weight_decay=weight_decay, groups=groups)
   sgd = optax.chain(
       optax.add_decayed_weights(weight_decay, mask=lambda p: jax.tree.map(lambda w: jnp.ndim(w) >= 2, p)),
       optax.sgd(learning_rate, momentum=momentum))

@@ -1,11 +1,16 @@
-"""Checkpoints of a training run, with orbax.
+"""Checkpoints of a training run, with orbax, verified by a checksum of every array.
 
 A run keeps one checkpoint per epoch under ``DIR/checkpoints/<epoch>/`` (the
 last few; older ones are deleted). Each holds the whole training state as one
 pytree (params, batch statistics, the optimizer state, the step, which is the
-data position, and the RNG key) plus a small JSON record. Orbax writes a
-checkpoint into a temporary directory and renames it once complete, so a run
-killed while saving leaves the previous checkpoint as the latest usable one.
+data position, and the RNG key), optionally more arrays (the run's
+regularization path) and a small JSON record with the SHA-256 of every array.
+Orbax writes a checkpoint into a temporary directory and renames it once
+complete, so a run killed while saving leaves the previous checkpoint as the
+latest usable one; orbax checks only the index of its files (a CRC-32C of the
+shard index, not of the data), so :func:`restore` recomputes each array's
+checksum and raises :class:`CheckpointError` naming the checkpoint and the
+array on a mismatch (a flipped bit, a patched file).
 
 Example::
 
@@ -15,18 +20,37 @@ Example::
   >>> manager = checkpoint.open_manager(directory)
   >>> checkpoint.save(manager, 1, {'w': np.ones(3)}, {'epoch': 1})
   >>> manager.wait_until_finished()
-  >>> checkpoint.restore(directory, {'w': np.zeros(3)})
-  ({'w': array([1., 1., 1.])}, {'epoch': 1})
+  >>> state, record = checkpoint.restore(directory, {'w': np.zeros(3)})
+  >>> state, record['epoch']
+  ({'w': array([1., 1., 1.])}, 1)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+_CHECKSUMS = 'sha256.json'   # beside the arrays that save_tree writes
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read, does not match the run, or fails its checksums."""
+
+
+def checksums(tree) -> dict[str, str]:
+  """SHA-256 of every array of ``tree`` (its dtype, shape and bytes), keyed by its path."""
+  def digest(x):
+    x = np.asarray(x)
+    h = hashlib.sha256(f'{x.dtype.str}{x.shape}'.encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+  return {jax.tree_util.keystr(path): digest(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def open_manager(directory, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -35,15 +59,20 @@ def open_manager(directory, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
-def save(manager: ocp.CheckpointManager, epoch: int, state, record: dict[str, Any]) -> None:
-  """Starts saving ``state`` (a pytree of arrays) and a JSON ``record`` as ``epoch``.
+def save(manager: ocp.CheckpointManager, epoch: int, state, record: dict[str, Any],
+         arrays: Optional[dict[str, np.ndarray]] = None) -> None:
+  """Starts saving ``state`` (a pytree of arrays), ``arrays`` and a JSON ``record`` as ``epoch``.
 
-  The write continues in the background; ``manager.wait_until_finished()``
-  blocks until it is committed.
+  The record gets the checksums of both. The write continues in the
+  background; ``manager.wait_until_finished()`` blocks until it is committed.
   """
-  manager.save(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(jax.device_get(state)),
-      record=ocp.args.JsonSave(record)))
+  state = jax.device_get(state)
+  record = {**record, 'sha256': checksums(state)}
+  items = {'state': ocp.args.StandardSave(state)}
+  if arrays:
+    record['arrays_sha256'] = checksums(arrays)
+    items['arrays'] = ocp.args.StandardSave(arrays)
+  manager.save(epoch, args=ocp.args.Composite(record=ocp.args.JsonSave(record), **items))
 
 
 def saved_epochs(directory) -> list[int]:
@@ -54,12 +83,27 @@ def saved_epochs(directory) -> list[int]:
   return sorted(ocp.CheckpointManager(directory.absolute()).all_steps())
 
 
-def restore(directory, target, *, epoch: Optional[int] = None) -> tuple[Any, dict[str, Any]]:
-  """The state (shaped like ``target``) and record of ``epoch`` (default: latest).
+def read_record(directory, epoch: int) -> dict[str, Any]:
+  """The JSON record of the checkpoint of ``epoch`` (read before building the state it describes)."""
+  file = pathlib.Path(directory) / str(epoch) / 'record' / 'metadata'
+  try:
+    return json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'The checkpoint of epoch {epoch} in {directory} has no readable record '
+                          f'({type(e).__name__}: {e}).') from e
+
+
+def restore(directory, target, *, epoch: Optional[int] = None,
+            with_arrays: bool = False) -> tuple[Any, dict[str, Any]]:
+  """The state (shaped like ``target``) and record of ``epoch`` (default: latest), checksums verified.
+
+  With ``with_arrays``, the record's ``'arrays'`` holds the arrays saved beside
+  the state (``None`` if there are none).
 
   Raises:
     FileNotFoundError: no complete checkpoint in ``directory``, or not ``epoch``.
-    ValueError: the checkpoint cannot be read or does not match ``target``.
+    CheckpointError: the checkpoint cannot be read, does not match ``target``
+      or fails its checksums.
   """
   directory = pathlib.Path(directory)
   epochs = saved_epochs(directory)
@@ -70,34 +114,42 @@ def restore(directory, target, *, epoch: Optional[int] = None) -> tuple[Any, dic
   epoch = epochs[-1] if epoch is None else epoch
   if epoch not in epochs:
     raise FileNotFoundError(f'No checkpoint of epoch {epoch} in {directory}; it has epochs {epochs}.')
+  name = f'The checkpoint of epoch {epoch} in {directory}'
+  record = read_record(directory, epoch)
+  items = {'state': ocp.args.StandardRestore(jax.device_get(target)), 'record': ocp.args.JsonRestore()}
+  if with_arrays and 'arrays_sha256' in record:
+    items['arrays'] = ocp.args.StandardRestore()
   manager = ocp.CheckpointManager(directory.absolute())
   try:
-    restored = manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.device_get(target)),
-        record=ocp.args.JsonRestore()))
+    restored = manager.restore(epoch, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax raises many types for damaged files; name the checkpoint instead.
-    older = [s for s in epochs if s < epoch]
-    hint = (f'Delete {directory / str(epoch)} to resume from epoch {older[-1]}.' if older
-            else 'Start the run again in a new directory.')
-    raise ValueError(
-        f'The checkpoint of epoch {epoch} in {directory} is unreadable or does not match this '
-        f'run ({type(e).__name__}: {str(e)[:300]}). {hint}') from e
+    raise CheckpointError(f'{name} is unreadable or does not match this run '
+                          f'({type(e).__name__}: {str(e)[:300]}).') from e
   finally:
     manager.close()
-  _check_matches(restored['state'], target, f'The checkpoint of epoch {epoch} in {directory}')
-  return restored['state'], dict(restored['record'])
+  _check_matches(restored['state'], target, name)
+  _verify(restored['state'], record.get('sha256'), name)
+  record = dict(restored['record'])
+  if with_arrays:
+    record['arrays'] = restored.get('arrays')
+    if record['arrays'] is not None:
+      _verify(record['arrays'], record.get('arrays_sha256'), name)
+  return restored['state'], record
 
 
 def save_tree(path, tree) -> None:
-  """Saves a pytree of arrays to ``path`` (a directory), blocking until written."""
+  """Saves a pytree of arrays to ``path`` (a directory) with its checksums, blocking until written."""
+  path = pathlib.Path(path).absolute()
+  tree = jax.device_get(tree)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(pathlib.Path(path).absolute(), jax.device_get(tree))
+  checkpointer.save(path, tree)
   checkpointer.wait_until_finished()
   checkpointer.close()
+  (path / _CHECKSUMS).write_text(json.dumps(checksums(tree)))
 
 
 def load_tree(path, target):
-  """The pytree saved by :func:`save_tree`, shaped like ``target``."""
+  """The pytree saved by :func:`save_tree`, shaped like ``target``, checksums verified."""
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f'No saved arrays at {path}.')
@@ -105,17 +157,30 @@ def load_tree(path, target):
   try:
     tree = checkpointer.restore(path.absolute(), jax.device_get(target))
   except Exception as e:  # see restore()
-    raise ValueError(f'The arrays saved at {path} are unreadable or do not match ({type(e).__name__}: {e}).') from e
+    raise CheckpointError(f'The arrays saved at {path} are unreadable or do not match '
+                          f'({type(e).__name__}: {e}).') from e
   finally:
     checkpointer.close()
   _check_matches(tree, target, f'The arrays saved at {path}')
+  sums = path / _CHECKSUMS
+  _verify(tree, json.loads(sums.read_text()) if sums.is_file() else None, f'The arrays saved at {path}')
   return tree
+
+
+def _verify(tree, expected: Optional[dict[str, str]], name: str) -> None:
+  if expected is None:
+    raise CheckpointError(f'{name} has no checksums to verify its arrays against.')
+  actual = checksums(tree)
+  bad = [key for key in expected if actual.get(key) != expected[key]] + sorted(set(actual) - set(expected))
+  if bad:
+    raise CheckpointError(f'{name} is damaged: the checksum of {len(bad)} array(s) does not match what was '
+                          f'saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}).')
 
 
 def _check_matches(tree, target, what: str) -> None:
   """Orbax restores a saved array whatever shape the target asks for: compare."""
   shapes = lambda t: jax.tree.map(lambda x: (np.shape(x), str(np.asarray(x).dtype)), jax.device_get(t))
   if shapes(tree) != shapes(target):
-    raise ValueError(
+    raise CheckpointError(
         f'{what} does not match this run: saved {shapes(tree)}, expected {shapes(target)}. '
         'Was it written by another model or optimizer configuration?')

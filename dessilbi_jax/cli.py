@@ -44,7 +44,7 @@ _TRAIN_FLAGS = {
     '--weight-decay': ('weight_decay', float, 'L2 weight decay ω on kernels (default 0)'),
     '--kappa': ('kappa', float, 'DessiLBI damping κ (default 1)'),
     '--mu': ('mu', float, 'DessiLBI coupling ν (default 20)'),
-    '--lambda': ('lambda_', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
+    '--lambda': ('lambdas', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
                                  'lasso=0.03 (digits 0.2, mnist1d 0.1)'),
     '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
     '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖ (default 0.001)'),
@@ -53,7 +53,7 @@ _TRAIN_FLAGS = {
     '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
     '--keep-checkpoints': ('keep_checkpoints', int, 'how many epoch checkpoints to keep (default 3)'),
 }
-_LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambda_')
+_LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambdas')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='no random augmentation of training batches')
   run.add_argument('--out', help='output directory (default runs/<model>-<dataset>-<optimizer>-<time>)')
   run.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint')
+  run.add_argument('--fall-back', action='store_true',
+                   help='with --resume: if the last checkpoint fails its checksums, resume from the newest one '
+                        'that passes (the damaged ones stay on disk)')
   run.add_argument('--distributed', action='store_true',
                    help='call jax.distributed.initialize() first (one process per host)')
   run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines')
@@ -102,6 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _train(args, train)
     else:
       _ticket(args, train)
+  except train.ConfigError as e:
+    print(f'dessilbi {args.command}: error: {e.with_flag()}', file=sys.stderr)
+    return 1
   except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
     print(f'dessilbi {args.command}: error: {e}', file=sys.stderr)
     return 1
@@ -116,8 +122,8 @@ def _train(args, train) -> None:
   for field in ('lr_decay_epochs', 'widths'):
     if field in given:
       given[field] = tuple(given[field]) or (None if field == 'widths' else ())
-  if 'lambda_' in given:
-    given['lambda_'] = _lambdas(given['lambda_'])
+  if 'lambdas' in given:
+    given['lambdas'] = _lambdas(given['lambdas'])
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the run to continue.')
@@ -129,7 +135,7 @@ def _train(args, train) -> None:
     jax.distributed.initialize()
   out = args.out or f'runs/{cfg.model}-{cfg.dataset}-{cfg.optimizer}-{time.strftime("%Y%m%d-%H%M%S")}'
   start = time.perf_counter()
-  result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet)
+  result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
   if not args.quiet and result.history:
     last = result.history[-1]
     sparse = '' if last['sparse_test_acc'] is None else f', sparse {100 * last["sparse_test_acc"]:.1f}%'

@@ -242,50 +242,102 @@ class VGG16(nn.Module):
 class BasicBlock(nn.Module):
   """Two conv3x3-BN layers and a shortcut: ResNet-18/34 and the CIFAR ResNets.
 
+  ``width`` is the first conv's (the block's internal) width, ``out_width`` the
+  residual stream's after the block (default ``width``). ``width=0`` leaves the
+  shortcut alone, ``relu(shortcut(x))``: a pruned block is the identity.
+
   ``shortcut='projection'`` (option B of He et al.) uses a 1x1 conv + BN where the
   shape changes; ``'pad'`` (option A) subsamples and zero-pads the channels, with
-  no parameters.
+  no parameters: input channel ``c`` becomes channel ``c + pad_offset`` (default:
+  centred). ``downsample`` forces (``True``) or forbids (``False``) the
+  projection / pad; ``None`` decides by the shapes.
   """
   width: int
   stride: int = 1
   shortcut: str = 'projection'
   axis_name: Optional[str] = None
+  out_width: Optional[int] = None
+  pad_offset: Optional[int] = None
+  downsample: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out_width = self.width if self.out_width is None else self.out_width
+    shortcut = _shortcut(x, out_width, self.stride, self.shortcut, train, self.axis_name,
+                         self.downsample, self.pad_offset)
+    if self.width == 0:
+      return nn.relu(shortcut)
     y = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.width, 3, self.stride)(x)))
-    y = _batch_norm(train, self.axis_name)(_conv(self.width, 3)(y))
-    return nn.relu(y + _shortcut(x, self.width, self.stride, self.shortcut, train, self.axis_name))
+    y = _batch_norm(train, self.axis_name)(_conv(out_width, 3)(y))
+    return nn.relu(y + shortcut)
 
 
 class BottleneckBlock(nn.Module):
   """1x1, 3x3 (strided, as in torchvision's ResNet v1.5), 1x1 conv-BN layers.
 
-  The block outputs ``4 * width`` channels; the shortcut is a projection where
-  the shape changes (option B).
+  The block outputs ``out_width`` channels (default ``4 * width``);
+  ``inner_widths`` are the first two convs' widths (default ``(width, width)``),
+  either 0 for a block that is its shortcut alone. The shortcut is a projection
+  where the shape changes (option B), or where ``downsample`` says so.
   """
   width: int
   stride: int = 1
   axis_name: Optional[str] = None
+  inner_widths: Optional[tuple[int, int]] = None
+  out_width: Optional[int] = None
+  downsample: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.width, 1)(x)))
-    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.width, 3, self.stride)(y)))
-    y = _batch_norm(train, self.axis_name)(_conv(4 * self.width, 1)(y))
-    return nn.relu(y + _shortcut(x, 4 * self.width, self.stride, 'projection', train, self.axis_name))
+    first, second = (self.width, self.width) if self.inner_widths is None else self.inner_widths
+    out_width = 4 * self.width if self.out_width is None else self.out_width
+    shortcut = _shortcut(x, out_width, self.stride, 'projection', train, self.axis_name, self.downsample)
+    if first == 0 or second == 0:
+      return nn.relu(shortcut)
+    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(first, 1)(x)))
+    y = nn.relu(_batch_norm(train, self.axis_name)(_conv(second, 3, self.stride)(y)))
+    y = _batch_norm(train, self.axis_name)(_conv(out_width, 1)(y))
+    return nn.relu(y + shortcut)
 
 
 def _shortcut(x: jax.Array, width: int, stride: int, kind: str, train: bool,
-              axis_name: Optional[str]) -> jax.Array:
-  """Identity when the shape is kept; else option A ('pad') or B ('projection')."""
-  if stride == 1 and x.shape[-1] == width:
+              axis_name: Optional[str], downsample: Optional[bool] = None,
+              pad_offset: Optional[int] = None) -> jax.Array:
+  """Identity when the shape is kept (or ``downsample=False``); else option A ('pad') or B ('projection')."""
+  if downsample is None:
+    downsample = not (stride == 1 and x.shape[-1] == width)
+  if not downsample:
     return x
   if kind == 'projection':
     return _batch_norm(train, axis_name)(_conv(width, 1, stride, name='shortcut_conv')(x))
   x = x[:, ::stride, ::stride, :]
   extra = width - x.shape[-1]
-  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  before = extra // 2 if pad_offset is None else pad_offset
+  if not 0 <= before <= extra:
+    raise ValueError(f'pad_offset {pad_offset} does not fit {x.shape[-1]} channels into {width}.')
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (before, extra - before)))
+
+
+def _per_block(name: str, values, stage_sizes, what: str):
+  """Checks a per-block tuple (one entry per residual block) and splits it by stage."""
+  total = sum(stage_sizes)
+  if values is None:
+    return [[None] * n for n in stage_sizes]
+  if not isinstance(values, (tuple, list)) or len(values) != total:
+    raise ValueError(f'{name} must have one entry per residual block ({total}: {what}); got {values!r}.')
+  out, start = [], 0
+  for n in stage_sizes:
+    out.append(list(values[start:start + n]))
+    start += n
+  return out
+
+
+def _check_nonnegative_ints(name: str, values, length: int):
+  if values is None:
+    return
+  flat = [v for item in values for v in (item if isinstance(item, (tuple, list)) else (item,))]
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in flat):
+    raise ValueError(f'{name} must hold non-negative integers (0: the block is its shortcut alone); got {values!r}.')
 
 
 class CifarResNet(nn.Module):
@@ -293,10 +345,13 @@ class CifarResNet(nn.Module):
 
   A 3x3 conv, three stages of ``stage_sizes`` basic blocks (the 2nd and 3rd
   halve the resolution), global average pooling and a dense layer; depth
-  6n + 2 for ``stage_sizes=(n, n, n)``. ``widths`` are per stage (every block of
-  a stage, and the stem for the first, has that width). Shortcuts are option A,
-  as in the paper: identity, or subsample + zero-pad where the width grows, so
-  the parameter counts are the published ones (ResNet-20/32/56/110: 269,722 /
+  6n + 2 for ``stage_sizes=(n, n, n)``. ``widths`` are the residual stream's per
+  stage (the stem has the first); ``block_widths`` the internal width of every
+  block (default: its stage's; 0 makes a block the identity). Shortcuts are
+  option A, as in the paper: identity, or subsample + zero-pad at the first
+  block of a stage, stream channel ``c`` of stage ``s - 1`` becoming channel
+  ``c + shortcut_offsets[s - 1]`` of stage ``s`` (default: centred). So the
+  parameter counts are the published ones (ResNet-20/32/56/110: 269,722 /
   464,154 / 853,018 / 1,727,962, i.e. 0.27 M / 0.46 M / 0.85 M / 1.7 M) and
   widths must not decrease from stage to stage.
 
@@ -314,21 +369,33 @@ class CifarResNet(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   num_classes: int = 10
   axis_name: Optional[str] = None
+  block_widths: Optional[Sequence[int]] = None
+  shortcut_offsets: Optional[Sequence[int]] = None
 
   def __post_init__(self):
     _check_widths('cifar resnet', self.widths, len(self.stage_sizes), 'one per stage', CifarResNet.widths)
     if any(a > b for a, b in zip(self.widths, self.widths[1:])):
       raise ValueError(f'cifar resnet widths must not decrease (option A shortcuts zero-pad '
                        f'channels, they cannot drop any); got {tuple(self.widths)}.')
+    _per_block('block_widths', self.block_widths, self.stage_sizes, 'the internal width of each block')
+    _check_nonnegative_ints('block_widths', self.block_widths, sum(self.stage_sizes))
+    if self.shortcut_offsets is not None and len(self.shortcut_offsets) != len(self.stage_sizes) - 1:
+      raise ValueError(f'shortcut_offsets needs one offset per stage after the first '
+                       f'({len(self.stage_sizes) - 1}); got {self.shortcut_offsets!r}.')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.widths[0], 3)(x)))
+    inner = _per_block('block_widths', self.block_widths, self.stage_sizes, '')
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(blocks):
-        stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, stride, 'pad', self.axis_name)(x, train)
+        first = stage > 0 and block == 0
+        block_width = inner[stage][block]
+        x = BasicBlock(width if block_width is None else block_width, 2 if first else 1, 'pad',
+                       self.axis_name, out_width=width, downsample=first,
+                       pad_offset=self.shortcut_offsets[stage - 1] if first and self.shortcut_offsets else None)(
+                           x, train)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -338,9 +405,15 @@ class ResNet(nn.Module):
   A 7x7/2 conv and a 3x3/2 max pool, four stages of ``stage_sizes`` blocks (the
   last three halve the resolution), global average pooling and a dense layer.
   ``widths`` are per stage (the stem has the first); a bottleneck block outputs
-  four times its width. Projection shortcuts (option B) where the shape
-  changes. Parameter counts are torchvision's: ResNet-18 11,689,512, ResNet-50
-  25,557,032 (1,000 classes).
+  four times its width. Projection shortcuts (option B) at the first block of
+  a stage where the reference shape changes. Parameter counts are
+  torchvision's: ResNet-18 11,689,512, ResNet-50 25,557,032 (1,000 classes).
+
+  Per-layer widths, for pruned or grown networks: ``stem_width`` (default
+  ``widths[0]``), ``stream_widths`` (the residual stream per stage; default
+  ``widths`` times the block's expansion, 1 or 4) and ``block_widths`` (per
+  block: the internal width of a basic block, the pair of inner widths of a
+  bottleneck; 0 makes the block the identity).
 
   Example::
 
@@ -357,19 +430,45 @@ class ResNet(nn.Module):
   widths: Sequence[int] = (64, 128, 256, 512)
   num_classes: int = 1000
   axis_name: Optional[str] = None
+  stem_width: Optional[int] = None
+  stream_widths: Optional[Sequence[int]] = None
+  block_widths: Optional[Sequence[Any]] = None
 
   def __post_init__(self):
     _check_widths('resnet', self.widths, len(self.stage_sizes), 'one per stage', ResNet.widths)
+    if self.stream_widths is not None:
+      _check_widths('resnet stream', self.stream_widths, len(self.stage_sizes), 'one per stage',
+                    tuple(self._expansion * w for w in ResNet.widths))
+    if self.stem_width is not None:
+      _check_widths('resnet stem', (self.stem_width,), 1, 'one number', (64,))
+    _per_block('block_widths', self.block_widths, self.stage_sizes, 'the inner width(s) of each block')
+    _check_nonnegative_ints('block_widths', self.block_widths, sum(self.stage_sizes))
     super().__post_init__()
+
+  @property
+  def _expansion(self) -> int:
+    return 4 if self.block is BottleneckBlock else 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.relu(_batch_norm(train, self.axis_name)(_conv(self.widths[0], 7, 2)(x)))
+    stem = self.widths[0] if self.stem_width is None else self.stem_width
+    streams = [self._expansion * w for w in self.widths] if self.stream_widths is None else self.stream_widths
+    inner = _per_block('block_widths', self.block_widths, self.stage_sizes, '')
+    x = nn.relu(_batch_norm(train, self.axis_name)(_conv(stem, 7, 2)(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = self.block(width=width, stride=stride, axis_name=self.axis_name)(x, train)
+        # Where the reference network projects (a fixed structure, whatever the widths now are).
+        downsample = block == 0 and (stage > 0 or self._expansion * width != self.widths[0])
+        kwargs = dict(width=width, stride=stride, axis_name=self.axis_name, out_width=streams[stage],
+                      downsample=downsample)
+        if inner[stage][block] is not None:
+          if self.block is BottleneckBlock:
+            kwargs['inner_widths'] = tuple(inner[stage][block])
+          else:
+            kwargs['width'] = inner[stage][block]
+        x = self.block(**kwargs)(x, train)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -401,7 +500,8 @@ def list_models() -> tuple[str, ...]:
 
 
 def get_model(name: str, num_classes: int, input_shape: Sequence[int],
-              widths: Optional[Sequence[int]] = None, *, axis_name: Optional[str] = None) -> nn.Module:
+              widths: Optional[Sequence[int]] = None, *, axis_name: Optional[str] = None,
+              **layer_widths: Any) -> nn.Module:
   """Builds model ``name`` for inputs of ``input_shape`` (one example, no batch axis).
 
   Args:
@@ -413,6 +513,9 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int],
       gives the reference architecture.
     axis_name: for the batch-norm models, the mapped axis (e.g. of ``pmap``)
       over which batch statistics are averaged; ignored by the others.
+    **layer_widths: per-layer widths of the ResNets (a pruned or grown
+      network): ``block_widths``, ``shortcut_offsets`` (CIFAR), ``stem_width``,
+      ``stream_widths`` (ImageNet); see :class:`CifarResNet` and :class:`ResNet`.
 
   Returns:
     A ``flax.linen.Module``; call ``init``/``apply`` with ``train=...``.
@@ -447,7 +550,20 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int],
   if widths is not None:
     # The model checks them (a list is fine; Flax attributes should be hashable).
     kwargs['widths'] = tuple(widths) if isinstance(widths, list) else widths
+  accepted = {'block_widths', 'shortcut_offsets'} if key.startswith('resnet') else set()
+  if key in ('resnet18', 'resnet50'):
+    accepted = {'block_widths', 'stem_width', 'stream_widths'}
+  unknown = sorted(set(layer_widths) - accepted)
+  if unknown:
+    raise ValueError(f'{key} takes no {", ".join(unknown)}; its per-layer widths are: '
+                     f'{", ".join(sorted(accepted)) or "none (only widths)"}.')
+  kwargs.update({k: _hashable(v) for k, v in layer_widths.items()})
   return entry.build(**kwargs)
+
+
+def _hashable(value):
+  # Flax attributes should be hashable: lists (e.g. read back from JSON) become tuples.
+  return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def count_params(params: Any) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def plot_accuracy(history: Sequence[Mapping], path) -> None:
+def plot_accuracy(history: Sequence[Mapping], path, *, ticket: bool = False) -> None:
   """Dense (W) and sparse (W ⊙ 1[Γ≠0]) test accuracy against epoch."""
   fig = Figure(figsize=(6, 4))
   ax = fig.add_subplot()
@@ -42,7 +42,7 @@ def plot_accuracy(history: Sequence[Mapping], path) -> None:
   _save(fig, path)
 
 
-def plot_support(history: Sequence[Mapping], path) -> None:
+def plot_support(history: Sequence[Mapping], path, *, ticket: bool = False) -> None:
   """The path: per structured layer, the fraction of its groups in Γ's support.
 
   (For runs without Γ, e.g. retrained tickets: the groups with a non-zero weight.)

@@ -39,19 +39,19 @@ from dessilbi_jax import train
 SETTINGS = {
     'lenet-mnist': train.TrainConfig(
         model='lenet', dataset='mnist', epochs=60, batch_size=128, lr=0.1, lr_decay_epochs=(20, 40),
-        kappa=1.0, mu=20.0, lambda_=1.0, normalize_groups=False),
+        kappa=1.0, mu=20.0, lambdas=1.0, normalize_groups=False),
     'vgg16-cifar10': train.TrainConfig(
         model='vgg16', dataset='cifar10', epochs=160, batch_size=128, lr=0.1, lr_decay_epochs=(80, 120),
-        weight_decay=5e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=5e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
     'resnet56-cifar10': train.TrainConfig(
         model='resnet56', dataset='cifar10', epochs=160, batch_size=128, lr=0.1, lr_decay_epochs=(80, 120),
-        weight_decay=5e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=5e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
     'resnet18-imagenet': train.TrainConfig(
         model='resnet18', dataset='imagenet2012', epochs=90, batch_size=256, lr=0.1, lr_decay_epochs=(30, 60),
-        weight_decay=1e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=1e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
     'resnet50-imagenet': train.TrainConfig(
         model='resnet50', dataset='imagenet2012', epochs=90, batch_size=256, lr=0.1, lr_decay_epochs=(30, 60),
-        weight_decay=1e-4, kappa=1.0, mu=100.0, lambda_=1.0, normalize_groups=False),
+        weight_decay=1e-4, kappa=1.0, mu=100.0, lambdas=1.0, normalize_groups=False),
 }
 
 

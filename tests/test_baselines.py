@@ -168,9 +168,9 @@ def test_prox_group_lasso_matches_closed_form(nesterov):
 
 def test_prox_group_lasso_schedule_and_inject_hyperparams():
   params = _params()
-  tx = optax.inject_hyperparams(baselines.prox_group_lasso)(learning_rate=0.1, lambda_=1.0, momentum=0.0)
+  tx = optax.inject_hyperparams(baselines.prox_group_lasso)(learning_rate=0.1, penalty=1.0, momentum=0.0)
   history, state = _run(tx, params, 3)
-  assert state.hyperparams['lambda_'].dtype == jnp.float32
+  assert state.hyperparams['penalty'].dtype == jnp.float32
   schedule = optax.constant_schedule(0.1)
   scheduled, _ = _run(baselines.prox_group_lasso(schedule, 1.0, momentum=0.0), params, 3)
   for a, b in zip(jax.tree.leaves(history[-1]), jax.tree.leaves(scheduled[-1])):
@@ -180,7 +180,7 @@ def test_prox_group_lasso_schedule_and_inject_hyperparams():
 def test_make_baseline_by_name():
   params = _params()
   for name in baselines.BASELINES:
-    history, state = _run(baselines.make_baseline(name, 0.05, total_steps=30, sparsity=0.5, lambda_=1.0), params, 30)
+    history, state = _run(baselines.make_baseline(name, 0.05, total_steps=30, sparsity=0.5, penalty=1.0), params, 30)
     assert all(w.dtype == jnp.float32 for w in jax.tree.leaves(history[-1]))
   dense = np.asarray(history[-1]['Dense_0']['kernel'])
   assert np.sum(dense == 0) > 0

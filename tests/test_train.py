@@ -115,8 +115,8 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(run, tin
       from dessilbi_jax import checkpoint, train
       real_save = checkpoint.save
       checkpoints = pathlib.Path({str(out / 'checkpoints')!r})
-      def save_then_die(manager, epoch, state, record):
-        real_save(manager, epoch, state, record)  # the write goes on in a background thread ...
+      def save_then_die(manager, epoch, state, record, **arrays):
+        real_save(manager, epoch, state, record, **arrays)  # the write goes on in a background thread ...
         if epoch == 2:
           # ... wait until it is visibly under way (its temporary directory) or done, so the kill
           # cannot land before the write has touched the disk ...
@@ -250,8 +250,8 @@ def test_presets_pick_model_and_hyperparameters_and_overrides_win():
   assert train.preset() == train.PRESETS['digits'] == train.TrainConfig()
   mnist1d = train.preset('mnist1d')
   assert (mnist1d.model, mnist1d.dataset) == ('conv1d', 'mnist1d') and mnist1d == train.PRESETS['mnist1d']
-  cfg = train.preset('mnist1d', epochs=3, lambda_=0.5, seed=2)
-  assert (cfg.model, cfg.epochs, cfg.lambda_, cfg.seed) == ('conv1d', 3, 0.5, 2)
+  cfg = train.preset('mnist1d', epochs=3, lambdas=0.5, seed=2)
+  assert (cfg.model, cfg.epochs, cfg.lambdas, cfg.seed) == ('conv1d', 3, 0.5, 2)
   assert cfg.mu == mnist1d.mu and cfg.lr_decay_epochs == mnist1d.lr_decay_epochs
   assert train.preset('mnist1d', optimizer='adam').lr == 1e-3
   assert train.preset('mnist1d', optimizer='adam', lr=0.01).lr == 0.01
@@ -264,10 +264,10 @@ def test_presets_pick_model_and_hyperparameters_and_overrides_win():
 
 
 def test_config_json_round_trips_per_kind_lambdas(tiny, tmp_path):
-  cfg = dataclasses.replace(tiny, lambda_=(('filter', 2.0), ('lasso', 0.01)), sparsity=0.5, penalty=0.01)
+  cfg = dataclasses.replace(tiny, lambdas=(('filter', 2.0), ('lasso', 0.01)), sparsity=0.5, penalty=0.01)
   assert train.TrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
   with pytest.raises(ValueError, match=r"unknown group kind\(s\) \['filtre'\]"):
-    train.check_config(dataclasses.replace(tiny, lambda_=(('filtre', 1.0),)))
+    train.check_config(dataclasses.replace(tiny, lambdas=(('filtre', 1.0),)))
 
   # make_optimizer builds DessiLBI with λ per kind: the same steps as dl.dessilbi with the mapping.
   model, info = train.build_model(cfg)

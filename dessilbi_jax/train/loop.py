@@ -1,0 +1,375 @@
+"""The loop over epochs: :func:`fit`."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import jax_utils
+from tqdm.auto import tqdm
+
+import dessilbi_jax as dl
+from dessilbi_jax import checkpoint
+from dessilbi_jax import data
+from dessilbi_jax.train import extensions as ext
+from dessilbi_jax.train import run_dir as files
+from dessilbi_jax.train import steps
+from dessilbi_jax.train.config import TrainConfig
+from dessilbi_jax.train.config import check_config
+from dessilbi_jax.train.optimizers import learning_rate_schedule
+from dessilbi_jax.train.optimizers import make_optimizer
+from dessilbi_jax.train.regularization_path import DamagedFileError
+from dessilbi_jax.train.regularization_path import RegularizationPath
+from dessilbi_jax.train.regularization_path import path_item
+from dessilbi_jax.train.regularization_path import read_npz
+from dessilbi_jax.train.steps import TrainState
+
+_LOG_EVERY = 10      # steps between progress-bar updates (and NaN checks)
+
+
+class TrainResult(NamedTuple):
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  init_params: Any
+  history: list[dict[str, Any]]
+  state: Optional[TrainState] = None          # the whole final state (extensions' state included)
+  widths: Optional[tuple[int, ...]] = None    # the final model's widths (changed by growth)
+  resumed_from: Optional[int] = None          # the epoch of the checkpoint a resumed run started from
+
+
+def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
+        tx: Optional[optax.GradientTransformation] = None, masks=None, init_params=None,
+        quiet: bool = False, extensions: Sequence[ext.Extension] = (), fall_back: bool = False) -> TrainResult:
+  """Trains ``cfg`` data-parallel over all local devices; see the package docstring.
+
+  Args:
+    cfg: the run.
+    out_dir: where to write metrics, path, plots and checkpoints (``None``:
+      nothing is written and ``resume`` is unavailable). An existing non-empty
+      directory is an error unless ``resume``; a run that fails before its
+      first checkpoint leaves the directory as it found it.
+    resume: continue the run in ``out_dir`` from its last checkpoint up to
+      ``cfg.epochs``; ``cfg`` must equal the saved one except for ``epochs``.
+    tx: an optimizer to use instead of :func:`make_optimizer`.
+    masks: bool pytree like the params (``None`` leaves: unmasked); masked
+      weights are zero from the start and stay exactly zero.
+    init_params: params to start from instead of a fresh initialization.
+    quiet: no progress bar, no per-epoch lines.
+    extensions: :class:`dessilbi_jax.train.Extension` s (package docstring).
+    fall_back: with ``resume``, a checkpoint that fails its checksums is
+      skipped for the previous good one (without it: an error).
+
+  Returns:
+    A :class:`TrainResult` (params etc. of one replica, as numpy arrays).
+
+  Raises:
+    ValueError: bad config, directory, checkpoint or inputs (before training).
+    FloatingPointError: the loss became NaN or infinite; nothing is saved
+      after the last good epoch.
+  """
+  check_config(cfg)
+  extensions = tuple(extensions)
+  ext.check_names(extensions)
+  trainables = ext.trainables(extensions)
+  run_dir = None if out_dir is None else files.local_path(out_dir)
+  if resume and run_dir is None:
+    raise ValueError('resume needs the directory of the run to continue (--out DIR).')
+  writer = run_dir is not None and jax.process_index() == 0
+  steps_per_epoch = data.steps_per_epoch(cfg.dataset, cfg.batch_size)
+  tx = tx if tx is not None else make_optimizer(cfg, steps_per_epoch)
+  # Opening the test split now fails fast (and before anything is written) if it is not prepared.
+  data.eval_batches(cfg.dataset, 'test', jax.local_device_count() * jax.process_count(),
+                    num_devices=jax.local_device_count(), data_dir=cfg.data_dir)
+  say = (lambda s: None) if quiet or jax.process_index() != 0 else tqdm.write
+
+  with contextlib.ExitStack() as stack:
+    existed = run_dir is not None and run_dir.is_dir()
+    if writer:
+      if resume and not (run_dir / 'config.json').is_file():
+        raise FileNotFoundError(f'Nothing to resume in {run_dir}: it holds no run (no config.json). '
+                                'Start it without --resume.')
+      if not resume:
+        files.check_new(run_dir)
+      run_dir.mkdir(parents=True, exist_ok=True)
+      stack.enter_context(files.locked(run_dir))
+      if not resume:
+        files.check_new(run_dir)   # again, now that the lock keeps other runs out
+    if resume:
+      files.check_resumable(run_dir, cfg)
+      resume = bool(checkpoint.saved_epochs(run_dir / 'checkpoints'))
+      if not resume:
+        say(f'{run_dir} holds a run that stopped before its first checkpoint: starting it again from epoch 1.')
+    try:
+      return _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, trainables, fall_back,
+                  writer, steps_per_epoch, say)
+    except BaseException:
+      if writer and not resume and not checkpoint.saved_epochs(run_dir / 'checkpoints'):
+        files.remove_new_files(run_dir, existed)
+      raise
+
+
+def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, trainables, fall_back, writer,
+         steps_per_epoch, say) -> TrainResult:
+  init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+  widths = cfg.widths
+
+  def initial_state(widths):
+    model, info = steps.build_model(cfg, widths)
+    variables = steps.init_variables(model, info.input_shape, init_key)
+    params = variables['params']
+    extra = {name: t.init(params, jax.random.fold_in(init_key, i)) for i, (name, t) in enumerate(trainables)}
+    extra_opt = {name: t.tx.init(extra[name]) for name, t in trainables}
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
+                      opt_state=_jit(tx.init)(params), rng=rng, extra=jax.device_get(extra),
+                      extra_opt_state=jax.device_get(extra_opt))
+
+  path = RegularizationPath()
+  history: list[dict[str, Any]] = []
+  resumed_from = None
+  if resume:
+    state, record, widths = _restore(run_dir, cfg, initial_state, fall_back, say)
+    resumed_from = record['epoch']
+    if cfg.epochs < record['epoch']:
+      raise ValueError(f'--epochs {cfg.epochs} is below the {record["epoch"]} epochs the run in {run_dir} has '
+                       f'already trained; give the new total (at least {record["epoch"]}).')
+    template = initial_state(cfg.widths)
+    init_params = checkpoint.load_tree(run_dir / 'init_params', template.params)
+    history = files.read_history(run_dir, up_to=record['epoch'])
+    if record.get('arrays') is not None:
+      arrays = dict(record['arrays'], **{f'kind/{k}': v for k, v in record.get('path_kinds', {}).items()})
+      path = RegularizationPath.from_arrays(arrays, record['epoch'])
+      try:
+        if (run_dir / 'path.npz').is_file():
+          read_npz(run_dir / 'path.npz')
+      except DamagedFileError:
+        say(f'{run_dir / "path.npz"} was damaged: rebuilt from the checkpoint of epoch {record["epoch"]}.')
+  else:
+    state = initial_state(widths)
+    if init_params is not None:
+      steps.check_same_shapes(init_params, state.params, 'init_params')
+      state = state._replace(params=init_params)
+  if masks is not None:
+    masks = steps.full_masks(masks, state.params)
+    state = state._replace(params=jax.device_get(steps.apply_masks(state.params, masks)))
+  if not resume:
+    init_params = jax.device_get(state.params)
+  has_gamma = bool(dl.find_states(state.opt_state))
+  batches = data.train_batches(cfg.dataset, cfg.batch_size, seed=cfg.seed, start_step=int(state.step),
+                               num_devices=jax.local_device_count(), augment=cfg.augment, data_dir=cfg.data_dir)
+  if writer:
+    files.write_config(run_dir, cfg)  # a resumed run: the new total of epochs
+    if resume:
+      files.write_history(run_dir, history)  # what followed the checkpoint is forgotten
+      path.save(run_dir / 'path.npz', steps_per_epoch)
+  if run_dir is not None and not resume:
+    checkpoint.save_tree(run_dir / 'init_params', init_params)
+
+  start_epoch = int(state.step) // steps_per_epoch
+  if resume:
+    say(f'Resuming {run_dir} from the checkpoint of epoch {start_epoch} (step {int(state.step)}) '
+        f'up to epoch {cfg.epochs}.')
+  model = steps.training_model(steps.build_model(cfg, widths)[0])
+  replicated = jax_utils.replicate(state)
+  replicated_masks = None if masks is None else jax_utils.replicate(masks)
+  train_step = steps.make_train_step(model, tx, trainables)
+  manager = None if run_dir is None else checkpoint.open_manager(
+      run_dir / 'checkpoints', max_to_keep=cfg.keep_checkpoints)
+  schedule = learning_rate_schedule(cfg, steps_per_epoch)
+  evaluate = lambda model, variables: steps.evaluate(model, variables, cfg.dataset, data_dir=cfg.data_dir,
+                                                     batch_size=max(steps.EVAL_BATCH, cfg.batch_size))
+  try:
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+      start = time.perf_counter()
+      replicated, loss, acc = _train_epoch(train_step, replicated, replicated_masks, batches, epoch, cfg,
+                                           steps_per_epoch, run_dir, quiet)
+      state = jax.device_get(jax_utils.unreplicate(replicated))
+      row = _epoch_metrics(model, state, has_gamma, trainables, evaluate)
+      row.update(epoch=epoch, step=int(state.step), lr=float(schedule(int(state.step) - 1)),
+                 train_loss=loss, train_acc=acc)
+      context = ext.Epoch(epoch, cfg, model, widths, state, tx, steps_per_epoch, row, evaluate)
+      added = _extension_metrics(extensions, context)
+      row.update(added, seconds=round(time.perf_counter() - start, 3))
+      history.append(row)
+      if has_gamma:
+        path.append(epoch, int(state.step), state.params, state.opt_state)
+      reshaped = _epoch_end(extensions, context._replace(row=row))
+      if reshaped is not None:
+        if masks is not None:
+          raise ValueError('An extension changed the shapes of a masked run (a ticket); masks cannot follow.')
+        widths, state = _check_reshaped(reshaped, cfg, tx, trainables)
+        model = steps.training_model(steps.build_model(cfg, widths)[0])
+        replicated = jax_utils.replicate(state)
+        train_step = steps.make_train_step(model, tx, trainables)   # compiled once for the new shapes
+      if writer:
+        files.append_history(run_dir, row)
+        path.save(run_dir / 'path.npz', steps_per_epoch)
+      if manager is not None:
+        arrays = path.arrays(steps_per_epoch) if has_gamma else {}
+        checkpoint.save(manager, epoch, state,
+                        {'epoch': epoch, 'step': int(state.step), 'widths': None if widths is None else list(widths),
+                         'path_kinds': dict(path.kinds)},
+                        arrays=path_item(arrays))
+      say(_summary_line(row, cfg.epochs, added))
+  finally:
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+  if writer and history:
+    files.write_plots(run_dir, history, path.entry_steps, steps_per_epoch, ticket=masks is not None)
+  return TrainResult(state.params, state.batch_stats, state.opt_state, init_params, history, state,
+                     None if widths is None else tuple(widths), resumed_from)
+
+
+def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
+  """(state, record, widths) of the newest good checkpoint; older ones only with ``fall_back``."""
+  directory = run_dir / 'checkpoints'
+  epochs = checkpoint.saved_epochs(directory)
+  errors = []
+  for epoch in reversed(epochs):
+    try:
+      saved = checkpoint.read_record(directory, epoch)
+      widths = tuple(saved['widths']) if saved.get('widths') is not None else cfg.widths
+      state, record = checkpoint.restore(directory, initial_state(widths), epoch=epoch, with_arrays=True)
+    except checkpoint.CheckpointError as e:
+      older = [s for s in epochs if s < epoch]
+      if not fall_back:
+        hint = (f'Delete {directory / str(epoch)} to resume from epoch {older[-1]}, or pass --fall-back to '
+                'resume from the newest checkpoint that passes its checks (the damaged ones stay).' if older else
+                'No older checkpoint is kept: start the run again in a new directory.')
+        raise checkpoint.CheckpointError(f'{e} {hint}') from e
+      errors.append(f'epoch {epoch}: {e}')
+      say(f'Skipping the checkpoint of epoch {epoch}: {e}')
+      continue
+    if errors:
+      say(f'Using the checkpoint of epoch {epoch}, the newest that passed its checksums.')
+    return state, record, widths
+  raise checkpoint.CheckpointError(f'No checkpoint in {directory} can be used: ' + ' '.join(errors))
+
+
+def _check_reshaped(reshaped: ext.Reshaped, cfg, tx, trainables):
+  """The widths and state an extension returned, checked against the model those widths build."""
+  widths, state = tuple(reshaped.widths), jax.device_get(reshaped.state)
+  model, info = steps.build_model(cfg, widths)
+  expected = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, *info.input_shape)), train=False),
+                            jax.random.PRNGKey(0))
+  what = f'The state an extension returned for widths {widths}'
+  steps.check_same_shapes(state.params, expected['params'], f'{what}: params')
+  steps.check_same_shapes(state.batch_stats, expected.get('batch_stats', {}), f'{what}: batch_stats')
+  steps.check_same_shapes(state.opt_state, jax.eval_shape(tx.init, expected['params']), f'{what}: opt_state')
+  return widths, state
+
+
+def _extension_metrics(extensions, context) -> dict[str, Any]:
+  added = {}
+  for extension in extensions:
+    if extension.metrics is None:
+      continue
+    values = dict(extension.metrics(context))
+    clash = sorted(set(values) & (set(context.row) | set(added)))
+    if clash:
+      raise ValueError(f'Extension {extension.name!r} returned metrics {clash} that the epoch row already has.')
+    added.update({key: _plain(value) for key, value in values.items()})
+  return added
+
+
+def _epoch_end(extensions, context) -> Optional[ext.Reshaped]:
+  reshaped = None
+  for extension in extensions:
+    if extension.epoch_end is None:
+      continue
+    result = extension.epoch_end(context)
+    if result is not None:
+      reshaped = result
+      context = context._replace(state=result.state, widths=tuple(result.widths))
+  return reshaped
+
+
+def _plain(value):
+  """A JSON value of a metric (numpy and JAX scalars become Python numbers)."""
+  if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+  return value
+
+
+def _train_epoch(train_step, replicated, masks, batches, epoch, cfg, steps_per_epoch, run_dir, quiet):
+  """One epoch of steps with a progress bar (on a terminal only); stops on a non-finite loss."""
+  bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch}/{cfg.epochs}', leave=False,
+             disable=True if quiet or jax.process_index() != 0 else None, dynamic_ncols=True)
+  first_step = int(jax_utils.unreplicate(replicated.step))
+  losses, accuracies, pending = [], [], []
+  start = time.perf_counter()
+  for i in range(steps_per_epoch):
+    replicated, metrics = train_step(replicated, next(batches), masks)
+    pending.append(metrics)
+    if len(pending) == _LOG_EVERY or i == steps_per_epoch - 1:
+      fetched = jax.device_get(jax_utils.unreplicate(pending))
+      for m in fetched:
+        loss = float(m['loss'])
+        if not math.isfinite(loss):
+          bar.close()
+          step = first_step + len(losses) + 1
+          kept = (f'The last good checkpoint is that of epoch {epoch - 1} in {run_dir / "checkpoints"}. '
+                  if run_dir is not None and epoch > 1 else '')
+          raise FloatingPointError(
+              f'The training loss is {loss} at step {step} (epoch {epoch}); training stopped and '
+              f'nothing of this epoch was saved. {kept}Try a lower learning rate (--lr, now {cfg.lr}).')
+        losses.append(loss)
+        accuracies.append(float(m['accuracy']))
+      bar.update(len(pending))
+      pending = []
+      bar.set_postfix(loss=f'{np.mean(losses[-_LOG_EVERY:]):.3f}', acc=f'{np.mean(accuracies[-_LOG_EVERY:]):.3f}',
+                      steps_per_s=f'{len(losses) / (time.perf_counter() - start):.1f}')
+  bar.close()
+  return replicated, float(np.mean(losses)), float(np.mean(accuracies))
+
+
+def _epoch_metrics(model, state: TrainState, has_gamma: bool, trainables, evaluate) -> dict[str, Any]:
+  params = steps.eval_params(state, trainables)
+  row = {'dense_test_acc': evaluate(model, steps.variables(params, state.batch_stats))}
+  if has_gamma:
+    row['sparse_test_acc'] = evaluate(model, steps.variables(_sparse_params(params, state.opt_state),
+                                                             state.batch_stats))
+    per_leaf = dl.sparsity_summary(state.params, state.opt_state)
+  else:
+    row['sparse_test_acc'] = None
+    per_leaf = dl.nonzero_summary(state.params)
+  structured = [r for r in per_leaf.values() if r['kind'] is not None]
+  row['weights_kept'] = _fraction(sum(r['weights_kept'] for r in structured), sum(r['weights'] for r in structured))
+  row['groups_kept'] = _fraction(sum(r['groups_in_support'] for r in structured), sum(r['groups'] for r in structured))
+  row['per_leaf'] = per_leaf
+  return row
+
+
+_sparse_params = jax.jit(dl.sparse_params)
+_jit = functools.lru_cache(maxsize=16)(jax.jit)  # one compilation per optimizer, not per fit
+
+
+def _fraction(part: int, whole: int) -> Optional[float]:
+  return part / whole if whole else None
+
+
+def _summary_line(row: Mapping[str, Any], epochs: int, added: Mapping[str, Any] = {}) -> str:
+  percent = lambda v: '  –  ' if v is None else f'{100 * v:5.1f}%'
+  # Filters (neurons, heads) are few and telling: count them apart from the single weights.
+  per_kind = {}
+  for leaf in row['per_leaf'].values():
+    if leaf['kind'] not in (None, 'lasso'):
+      kept, total = per_kind.get(leaf['kind'], (0, 0))
+      per_kind[leaf['kind']] = (kept + leaf['groups_in_support'], total + leaf['groups'])
+  kinds = ''.join(f' {kind}s {kept}/{total}' for kind, (kept, total) in per_kind.items())
+  extra = ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
+                  for key, value in added.items())
+  return (f'epoch {row["epoch"]:3d}/{epochs}  step {row["step"]:6d}  loss {row["train_loss"]:.4f}  '
+          f'train {percent(row["train_acc"])}  test dense {percent(row["dense_test_acc"])}  '
+          f'sparse {percent(row["sparse_test_acc"])}  support: groups {percent(row["groups_kept"])}  '
+          f'weights {percent(row["weights_kept"])}{kinds}{extra}  ({row["seconds"]:.1f} s)')

@@ -1,0 +1,68 @@
+"""The optimizers a run can train with, and their learning-rate schedule."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dessilbi_jax as dl
+from dessilbi_jax import baselines
+
+if TYPE_CHECKING:
+  from dessilbi_jax.train.config import TrainConfig
+
+OPTIMIZERS = ('dessilbi', 'sgd', 'adam') + baselines.BASELINES
+
+
+def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """α, multiplied by ``cfg.lr_decay`` after each epoch in ``cfg.lr_decay_epochs``."""
+  return _schedule(cfg.lr, _decay_epochs(cfg), cfg.lr_decay, steps_per_epoch)
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optimizer ``cfg.optimizer`` with the learning-rate schedule of ``cfg``.
+
+  ``'dessilbi'``: :func:`dessilbi_jax.dessilbi` with κ, ν, λ (conv kernels by
+  filter, dense kernels by weight); ``'sgd'``: SGD with heavy-ball momentum;
+  ``'adam'``: AdamW; the names of :data:`dessilbi_jax.baselines.BASELINES`:
+  :func:`dessilbi_jax.baselines.make_baseline` over ``cfg.epochs`` with
+  ``cfg.sparsity`` (GMP) or ``cfg.penalty`` (group lasso). Weight decay
+  applies to leaves of rank >= 2 throughout. Equal settings give the same
+  object, so that :func:`dessilbi_jax.train.fit` reuses its compiled step.
+  """
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}.')
+  total_steps = cfg.epochs * steps_per_epoch if cfg.optimizer in baselines.BASELINES else None
+  return _optimizer(cfg.optimizer, cfg.lr, _decay_epochs(cfg), cfg.lr_decay, cfg.momentum, cfg.weight_decay,
+                    cfg.kappa, cfg.mu, cfg.lambdas, cfg.normalize_groups, cfg.sparsity, cfg.penalty,
+                    steps_per_epoch, total_steps)
+
+
+def _decay_epochs(cfg: TrainConfig) -> tuple[int, ...]:
+  return tuple(sorted(int(e) for e in cfg.lr_decay_epochs))
+
+
+def _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch) -> optax.Schedule:
+  return optax.piecewise_constant_schedule(lr, {e * steps_per_epoch: lr_decay for e in lr_decay_epochs})
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(name, lr, lr_decay_epochs, lr_decay, momentum, weight_decay, kappa, mu, lambdas,
+               normalize_groups, sparsity, penalty, steps_per_epoch, total_steps) -> optax.GradientTransformation:
+  schedule = _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch)
+  decayed = lambda params: jax.tree.map(lambda w: jnp.ndim(w) >= 2, params)
+  if name == 'dessilbi':
+    return dl.dessilbi(schedule, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
+                       lambdas=dict(lambdas) if isinstance(lambdas, tuple) else lambdas,
+                       normalize_groups=normalize_groups)
+  if name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=decayed),
+                       optax.sgd(schedule, momentum=momentum or None))
+  if name == 'adam':
+    return optax.adamw(schedule, weight_decay=weight_decay, mask=decayed)
+  return baselines.make_baseline(name, schedule, total_steps=total_steps, momentum=momentum,
+                                 weight_decay=weight_decay, sparsity=sparsity, penalty=penalty)
