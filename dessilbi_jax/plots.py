@@ -92,3 +92,33 @@ def _save(fig: Figure, path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+def plot_widths(history: Sequence[Mapping], path) -> None:
+  """Growth: the width of every growable layer against epoch, the growth rounds marked.
+
+  Reads each row's ``widths`` (per layer) and ``grown`` (the layers widened at
+  that epoch), as the growth extension writes them.
+  """
+  fig = Figure(figsize=(7, 4))
+  ax = fig.add_subplot()
+  rows = [h for h in history if h.get('widths')]
+  epochs = [h['epoch'] for h in rows]
+  layers = list(rows[-1]['widths']) if rows else []
+  for name in layers:
+    # A row's width is the one the layer had during that epoch; a round at epoch e widens from e + 1.
+    widths = [h['widths'].get(name, np.nan) for h in rows]
+    ax.step(epochs, widths, where='pre', marker='.', label=name)
+  rounds = [h['epoch'] for h in rows if h.get('grown')]
+  for i, epoch in enumerate(rounds):
+    ax.axvline(epoch, color='grey', linestyle=':', linewidth=1, label='growth round' if i == 0 else None)
+  stopped = [h['epoch'] for h in rows if h.get('growth') == 'stopped']
+  if stopped:
+    ax.axvline(stopped[0], color='black', linestyle='--', linewidth=1, label='growth stopped')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('width (units)')
+  ax.set_yscale('log', base=2)
+  ax.grid(alpha=0.3)
+  if layers:
+    ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
+  _save(fig, path)

@@ -195,7 +195,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       row = _epoch_metrics(model, state, has_gamma, trainables, evaluate)
       row.update(epoch=epoch, step=int(state.step), lr=float(schedule(int(state.step) - 1)),
                  train_loss=loss, train_acc=acc)
-      context = ext.Epoch(epoch, cfg, model, widths, state, tx, steps_per_epoch, row, evaluate)
+      context = ext.Epoch(epoch, cfg, model, widths, state, tx, steps_per_epoch, row, evaluate, tuple(history))
       added = _extension_metrics(extensions, context)
       row.update(added, seconds=round(time.perf_counter() - start, 3))
       history.append(row)
