@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 
 def plot_accuracy(history: Sequence[Mapping], path, *, ticket: bool = False) -> None:
@@ -114,10 +115,17 @@ def plot_widths(history: Sequence[Mapping], path) -> None:
     ax.axvline(epoch, color='grey', linestyle=':', linewidth=1, label='growth round' if i == 0 else None)
   stopped = [h['epoch'] for h in rows if h.get('growth') == 'stopped']
   if stopped:
-    ax.axvline(stopped[0], color='black', linestyle='--', linewidth=1, label='growth stopped')
+    ax.axvline(stopped[0], color='black', linestyle='--', linewidth=1, label='no layer grew: stop')
+  finetune = [h['epoch'] for h in rows if h.get('growth') == 'finetune']
+  if finetune:
+    ax.axvspan(finetune[0] - 1, finetune[-1], color='grey', alpha=0.12, label='fine-tuning')
   ax.set_xlabel('epoch')
-  ax.set_ylabel('width (units)')
+  ax.set_ylabel('width (units, log scale)')
   ax.set_yscale('log', base=2)
+  ax.yaxis.set_major_formatter(ScalarFormatter())
+  ax.yaxis.set_minor_formatter(NullFormatter())
+  if layers:
+    ax.set_yticks(sorted({*rows[0]['widths'].values(), *rows[-1]['widths'].values()}))   # start and end
   ax.grid(alpha=0.3)
   if layers:
     ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
