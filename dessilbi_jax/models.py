@@ -309,7 +309,10 @@ def _shortcut(x: jax.Array, width: int, stride: int, kind: str, train: bool,
   if not downsample:
     return x
   if kind == 'projection':
-    return _batch_norm(train, axis_name)(_conv(width, 1, stride, name='shortcut_conv')(x))
+    # Named, so that a block whose branch is gone (width 0) keeps the same names.
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name,
+                      name='shortcut_bn')
+    return bn(_conv(width, 1, stride, name='shortcut_conv')(x))
   x = x[:, ::stride, ::stride, :]
   extra = width - x.shape[-1]
   before = extra // 2 if pad_offset is None else pad_offset

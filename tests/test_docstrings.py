@@ -16,6 +16,7 @@ MUST_HAVE_EXAMPLES = {'dessilbi_jax.optimizer', 'dessilbi_jax.prox', 'dessilbi_j
                       'dessilbi_jax.baselines', 'dessilbi_jax.checkpoint', 'dessilbi_jax.train',
                       'dessilbi_jax.train.config', 'dessilbi_jax.plots', 'dessilbi_jax.data.pipeline',
                       'dessilbi_jax.data.datasets', 'dessilbi_jax.structure.unit_map', 'dessilbi_jax.structure.trace',
+                      'dessilbi_jax.structure.surgery', 'dessilbi_jax.structure.count',
                       'dessilbi_jax.growth.rule', 'dessilbi_jax.target_density'}
 
 

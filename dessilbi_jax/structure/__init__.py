@@ -3,13 +3,25 @@
 * :mod:`~dessilbi_jax.structure.unit_map`: the types, :class:`Slice`,
   :class:`UnitGroup`, :class:`UnitMap`;
 * :mod:`~dessilbi_jax.structure.trace`: :func:`trace` derives a model's map from its jaxpr;
+* :mod:`~dessilbi_jax.structure.surgery`: :func:`remove`, :func:`zero`,
+  :func:`widen`, :func:`gate` whole units (and :func:`unit_masks`,
+  :func:`resolve_keep`);
+* :mod:`~dessilbi_jax.structure.count`: :func:`count`, params and MACs of the mapped network;
 * :mod:`~dessilbi_jax.structure.zoo`: how the zoo's models are rebuilt with new widths.
 """
 
+from dessilbi_jax.structure.count import count
+from dessilbi_jax.structure.surgery import gate
+from dessilbi_jax.structure.surgery import remove
+from dessilbi_jax.structure.surgery import resolve_keep
+from dessilbi_jax.structure.surgery import unit_masks
+from dessilbi_jax.structure.surgery import widen
+from dessilbi_jax.structure.surgery import zero
 from dessilbi_jax.structure.trace import UntraceableError
 from dessilbi_jax.structure.trace import trace
 from dessilbi_jax.structure.unit_map import Slice
 from dessilbi_jax.structure.unit_map import UnitGroup
 from dessilbi_jax.structure.unit_map import UnitMap
 
-__all__ = ('Slice', 'UnitGroup', 'UnitMap', 'UntraceableError', 'trace')
+__all__ = ('Slice', 'UnitGroup', 'UnitMap', 'UntraceableError', 'count', 'gate', 'remove', 'resolve_keep', 'trace',
+           'unit_masks', 'widen', 'zero')

@@ -446,7 +446,8 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
       interp.spaces.fix(out.space, 'the network\'s outputs (the classifier\'s logits are never units)')
   unit_map = _groups(interp)
   rule = rebuild if rebuild is not None else zoo.rebuild_rule(model)
-  return zoo.annotate(model, dataclasses.replace(unit_map, rebuild=rule))
+  unit_map = dataclasses.replace(unit_map, rebuild=rule, input_shape=tuple(x_shape[1:]))
+  return zoo.annotate(model, unit_map)
 
 
 def _groups(interp: _Interpreter) -> UnitMap:

@@ -140,10 +140,12 @@ class UnitMap:
     positions: per kernel (its params path), the output positions of one
       example (1 for a dense layer on a vector): multiply-accumulates are
       positions times kernel entries.
+    input_shape: the shape of one example the map was traced with (no batch axis).
   """
   groups: tuple[UnitGroup, ...]
   rebuild: Optional[RebuildRule] = None
   positions: tuple[tuple[tuple[str, ...], int], ...] = ()
+  input_shape: tuple[int, ...] = ()
 
   def __post_init__(self):
     names = [g.name for g in self.groups]
