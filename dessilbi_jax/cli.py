@@ -1,4 +1,4 @@
-"""The ``dessilbi`` command: ``dessilbi train`` and ``dessilbi ticket``.
+"""The ``dessilbi`` command: ``dessilbi train``, ``dessilbi grow`` and ``dessilbi ticket``.
 
 ::
 
@@ -7,6 +7,7 @@
                  [--out DIR] [--resume] [--seed 0] ...
   dessilbi train --dataset mnist1d          # the 1-D convnet with mnist1d's preset
   dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
+  dessilbi grow [--dataset digits] [--start-widths ...] [--tau 0.8] [--grow-every 10] [--out DIR]
   dessilbi train --resume --out DIR [--epochs N] [--fall-back]
   dessilbi train --distributed [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
 
@@ -96,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help='with --distributed: this process\'s index, 0 .. N-1 (process 0 writes the files)')
   run.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
 
+  grow = commands.add_parser('grow', help='start narrow and let DessiLBI grow the layers that saturate',
+                              description='Train a narrow network with DessiLBI; every --grow-every epochs widen '
+                                          'each layer whose units are nearly all (--tau) in Γ\'s support; stop at '
+                                          'the first check where none is; fine-tune the last --finetune-epochs.')
+  for flag, (field, kind, text) in _TRAIN_FLAGS.items():
+    if flag not in ('--optimizer', '--widths', '--sparsity', '--penalty'):
+      grow.add_argument(flag, dest=field, type=kind, default=None, help=text,
+                        nargs='*' if field in _LIST_FIELDS else None)
+  grow.add_argument('--start-widths', dest='widths', type=int, nargs='*', default=None,
+                    help='the widths to start from (default: the growth preset, digits 2 6 40 28, mnist1d 8 8 8)')
+  grow.add_argument('--tau', type=float, default=None, help='grow a layer when this fraction of its units is '
+                                                            'in Γ\'s support (default 0.8)')
+  grow.add_argument('--grow-every', dest='grow_every', type=int, default=None,
+                    help='epochs between checks (digits 10, mnist1d 5)')
+  grow.add_argument('--finetune-epochs', dest='finetune_epochs', type=int, default=None,
+                    help='the last epochs, after growth, that fine-tune (digits 20, mnist1d 10)')
+  grow.add_argument('--max-width', dest='max_width', type=int, default=None, help='no layer grows past this width')
+  grow.add_argument('--reset-state', dest='reset_state', action='store_true',
+                    help="the official code's growth: optimizer state restarted, new fan-out random")
+  grow.add_argument('--no-augment', dest='augment', action='store_false', default=None,
+                    help='no random augmentation of training batches')
+  grow.add_argument('--out', help='output directory (default runs/grow-<model>-<dataset>-<time>)')
+  grow.add_argument('--resume', action='store_true', help='continue the growth run in --out')
+  grow.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
+
   ticket = commands.add_parser('ticket', help="retrain the support of Γ at an epoch of a run",
                                description='Retrain the sparse structure found at an epoch of a run '
                                            'with SGD-momentum (the weights outside it stay zero).')
@@ -119,6 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.command == 'train':
       _train(args, train)
+    elif args.command == 'grow':
+      _grow(args, train)
     else:
       _ticket(args, train)
   except train.ConfigError as e:
@@ -159,6 +187,41 @@ def _train(args, train) -> None:
   result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
   if result.history:   # under --quiet too: the one thing a log must end with
     print(_summary(result.history, out, time.perf_counter() - start, train))
+
+
+def _grow(args, train) -> None:
+  from dessilbi_jax import growth
+  given = {field: getattr(args, field) for field, *_ in _TRAIN_FLAGS.values()
+           if getattr(args, field, None) is not None}
+  if args.augment is not None:
+    given['augment'] = args.augment
+  if 'lr_decay_epochs' in given:
+    given['lr_decay_epochs'] = tuple(given['lr_decay_epochs'])
+  if 'widths' in given:
+    given['widths'] = tuple(given['widths']) or None
+  rule = {field: getattr(args, field) for field in ('tau', 'grow_every', 'finetune_epochs', 'max_width')
+          if getattr(args, field) is not None}
+  if args.resume:
+    if args.out is None:
+      raise ValueError('--resume needs --out DIR, the directory of the growth run to continue.')
+    base = train.load_config(args.out)
+  else:
+    base = growth.grow_preset(given.get('dataset', 'digits'))[0]
+  if 'lambdas' in given:
+    given['lambdas'] = _lambdas(given['lambdas'], base.lambdas)
+  if args.resume:
+    cfg = dataclasses.replace(base, **given)
+    settings, _ = growth.load_settings(args.out)
+  else:
+    cfg, settings = growth.grow_preset(given.pop('dataset', 'digits'), rule, **given)
+  out = args.out or f'runs/grow-{cfg.model}-{cfg.dataset}-{time.strftime("%Y%m%d-%H%M%S")}'
+  start = time.perf_counter()
+  result = growth.grow(cfg, settings, out, resume=args.resume, reset_state=args.reset_state, quiet=args.quiet)
+  last = result.history[-1]
+  widths = ' '.join(str(w) for w in last['widths'].values())
+  print(f'Done in {time.perf_counter() - start:.0f} s: grown from {" ".join(map(str, cfg.widths))} to {widths}; '
+        f'test accuracy dense {100 * last["dense_test_acc"]:.1f}%, sparse {100 * last["sparse_test_acc"]:.1f}%. '
+        f'Wrote {out}/ (metrics.jsonl with the widths per epoch, plots/widths.png, checkpoints/).')
 
 
 def _summary(history, out, seconds: float, train) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 
 def plot_accuracy(history: Sequence[Mapping], path, *, ticket: bool = False) -> Figure:
@@ -105,6 +106,43 @@ def plot_entry_steps(entry_steps: Mapping[str, np.ndarray], path, steps_per_epoc
     ax.set_ylabel('groups')
     ax.grid(alpha=0.3)
   axes[-1].set_xlabel('entry epoch' if steps_per_epoch else 'entry step')
+  return _save(fig, path)
+
+
+def plot_widths(history: Sequence[Mapping], path) -> Figure:
+  """Growth: the width of every growable layer against epoch, the growth rounds marked.
+
+  Reads each row's ``widths`` (per layer) and ``grown`` (the layers widened at
+  that epoch), as the growth extension writes them.
+  """
+  fig = Figure(figsize=(7, 4))
+  ax = fig.add_subplot()
+  rows = [h for h in history if h.get('widths')]
+  epochs = [h['epoch'] for h in rows]
+  layers = list(rows[-1]['widths']) if rows else []
+  for name in layers:
+    # A row's width is the one the layer had during that epoch; a round at epoch e widens from e + 1.
+    widths = [h['widths'].get(name, np.nan) for h in rows]
+    ax.step(epochs, widths, where='pre', marker='.', label=name)
+  rounds = [h['epoch'] for h in rows if h.get('grown')]
+  for i, epoch in enumerate(rounds):
+    ax.axvline(epoch, color='grey', linestyle=':', linewidth=1, label='growth round' if i == 0 else None)
+  stopped = [h['epoch'] for h in rows if h.get('growth') == 'stopped']
+  if stopped:
+    ax.axvline(stopped[0], color='black', linestyle='--', linewidth=1, label='no layer grew: stop')
+  finetune = [h['epoch'] for h in rows if h.get('growth') == 'finetune']
+  if finetune:
+    ax.axvspan(finetune[0] - 1, finetune[-1], color='grey', alpha=0.12, label='fine-tuning')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('width (units, log scale)')
+  ax.set_yscale('log', base=2)
+  ax.yaxis.set_major_formatter(ScalarFormatter())
+  ax.yaxis.set_minor_formatter(NullFormatter())
+  if layers:
+    ax.set_yticks(sorted({*rows[0]['widths'].values(), *rows[-1]['widths'].values()}))   # start and end
+  ax.grid(alpha=0.3)
+  if layers:
+    ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
   return _save(fig, path)
 
 

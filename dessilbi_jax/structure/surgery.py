@@ -332,17 +332,21 @@ def _masked(value, mask: np.ndarray):
   return jnp.asarray(np.where(mask > 0, value, np.zeros_like(value)))
 
 
-def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key: jax.Array, opt_state=None):
+def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key: jax.Array, opt_state=None,
+          *, fan_out: str = 'zero'):
   """The wider network: ``new_units[name]`` units appended to each named group.
 
   New producer entries come from the rebuilt model's initializer (``key``),
   new consumer entries are zero, so the logits are unchanged; old values are
   kept to the bit. New optimizer-state entries are 0 (integer leaves such as
-  ``entry_step``: -1, never entered).
+  ``entry_step``: -1, never entered). ``fan_out='fresh'`` initializes the new
+  consumer entries too (the official growth code's behaviour: the function changes).
 
   Returns:
     ``(model, variables, opt_state)`` of the widened network.
   """
+  if fan_out not in ('zero', 'fresh'):
+    raise ValueError(f"widen: fan_out must be 'zero' (the function is unchanged) or 'fresh'; got {fan_out!r}.")
   for name, n in new_units.items():
     group = unit_map[name] if name in unit_map.names else None
     if group is None:
@@ -362,7 +366,7 @@ def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key
     def fill(path, leaf, collection=collection):
       names = tuple(str(getattr(k, 'key', k)) for k in path)
       for axis, (index, s) in plan.get((collection, names), {}).items():
-        if s.role == 'consumer':  # new inputs of a consumer read nothing yet: the function is unchanged
+        if s.role == 'consumer' and fan_out == 'zero':  # new inputs read nothing yet: the function is unchanged
           shape = [1] * leaf.ndim
           shape[axis] = len(index)
           leaf = jnp.where((index < 0).reshape(shape), jnp.zeros_like(leaf), leaf)

@@ -23,7 +23,7 @@ Extensions run in the order given; pass the same ones again to resume.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -67,6 +67,7 @@ class Epoch(NamedTuple):
   steps_per_epoch: int
   row: Mapping[str, Any]    # the epoch's metrics so far
   evaluate: Callable[..., float]   # evaluate(model, variables) -> test accuracy
+  history: Sequence[Mapping[str, Any]] = ()   # the rows of the epochs before (restored ones included)
 
 
 class Reshaped(NamedTuple):

@@ -200,7 +200,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       row = _epoch_metrics(model, state, has_gamma, trainables, evaluate)
       row.update(epoch=epoch, step=int(state.step), lr=float(schedule(int(state.step) - 1)),
                  train_loss=loss, train_acc=acc)
-      context = ext.Epoch(epoch, cfg, model, widths, state, tx, steps_per_epoch, row, evaluate)
+      context = ext.Epoch(epoch, cfg, model, widths, state, tx, steps_per_epoch, row, evaluate, tuple(history))
       added = _extension_metrics(extensions, context)
       row.update(added, seconds=round(time.perf_counter() - start, 3))
       history.append(row)
@@ -394,8 +394,9 @@ def _summary_line(row: Mapping[str, Any], epochs: int, added: Mapping[str, Any] 
       kept, total = per_kind.get(leaf['kind'], (0, 0))
       per_kind[leaf['kind']] = (kept + leaf['groups_in_support'], total + leaf['groups'])
   kinds = ''.join(f' {kind}s {kept}/{total}' for kind, (kept, total) in per_kind.items())
+  # Structured values (per-layer tables) go to metrics.jsonl only; the line shows numbers and words.
   extra = ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
-                  for key, value in added.items())
+                  for key, value in added.items() if isinstance(value, (int, float, str)))
   return (f'epoch {row["epoch"]:3d}/{epochs}  step {row["step"]:6d}  loss {row["train_loss"]:.4f}  '
           f'train {percent(row["train_acc"])}  test dense {percent(row["dense_test_acc"])}  '
           f'sparse {percent(row["sparse_test_acc"])}  support: groups {percent(row["groups_kept"])}  '

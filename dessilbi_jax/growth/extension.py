@@ -1,0 +1,168 @@
+"""Growth inside the training loop: an extension of :func:`dessilbi_jax.train.fit`.
+
+At every check (epochs ``k·grow_every`` while growth is on) the extension
+reads each growable layer's support rate off Γ (the fraction of its units
+with a weight in Γ's support), applies the rule (:func:`next_widths`) and,
+where a layer passes, widens the network in place with the unit map's
+:func:`~dessilbi_jax.structure.widen`: new filters fresh, their fan-out zero
+(the function is unchanged), the new units' optimizer state zero (entry step
+−1), everything else kept to the bit. The loop then rebuilds the model from
+the new widths and compiles the step once more; the widths go into every
+checkpoint, so resuming across a growth round is exact.
+
+Growth runs during the first ``epochs − finetune_epochs`` epochs of the run
+and stops for good at the first check where no layer passes; the last
+``finetune_epochs`` epochs fine-tune the final widths (the run's learning-rate
+decay falls there). ``reset_state=True`` is the official code's behaviour, for
+comparison: after every growth the optimizer state restarts from zero, the
+new units' fan-out into the next layer is random and the batch statistics
+restart, so growth changes the function.
+
+Every epoch's row of ``metrics.jsonl`` gains ``widths`` (per growable layer),
+``support_rate`` (at checks), ``grown`` (the layers widened at this epoch,
+with their new widths) and ``growth`` (``'growing'``, ``'stopped'`` or
+``'finetune'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dessilbi_jax as dl
+from dessilbi_jax import data
+from dessilbi_jax import structure
+from dessilbi_jax.growth.rule import GrowthSettings, Layer, next_widths
+from dessilbi_jax.train import extensions as ext
+from dessilbi_jax.train import steps
+
+NAME = 'growth'
+
+
+def growable_layers(unit_map: structure.UnitMap, params) -> dict[str, str]:
+  """``{group name: kind}`` of the groups growth may widen, ``kind`` as :data:`~dessilbi_jax.growth.rule.KINDS`.
+
+  A residual block's internal width is ``'block'``; a plain layer's units are
+  ``'conv'`` or ``'dense'`` by the rank of its kernel. Residual streams
+  (channels tied by additions), the network's inputs and its logits are not grown.
+  """
+  ranks = {tuple(str(getattr(k, 'key', k)) for k in kp): np.ndim(w)
+           for kp, w in jax.tree_util.tree_flatten_with_path(params)[0]}
+  layers = {}
+  for group in unit_map.groups:
+    if not group.prunable or group.is_stream or not group.producers:
+      continue
+    if group.block is not None:
+      layers[group.name] = 'block'
+    else:
+      layers[group.name] = 'dense' if ranks[group.producers[0].path] == 2 else 'conv'
+  return layers
+
+
+def support_rates(unit_map: structure.UnitMap, params, opt_state, names) -> dict[str, float]:
+  """Per named group, the fraction of its units whose producer weights meet Γ's support."""
+  support = dl.support(opt_state)
+  by_path = {tuple(str(getattr(k, 'key', k)) for k in kp): s
+             for kp, s in jax.tree_util.tree_flatten_with_path(support, is_leaf=lambda x: x is None)[0]}
+  rates = {}
+  for name in names:
+    group = unit_map[name]
+    in_support = np.zeros(group.size, bool)
+    for producer in group.producers:
+      s = by_path.get(producer.path)
+      if s is None:
+        raise ValueError(f'growth: layer {name!r} has no structure variable (its kernel '
+                         f'{"/".join(producer.path)} is not grouped by DessiLBI), so its support rate is unknown.')
+      s = np.asarray(s)
+      axes = tuple(a for a in range(s.ndim) if a != producer.axis)
+      per_channel = np.any(s, axis=axes)
+      in_support[producer.offset:producer.offset + producer.size] |= per_channel[:producer.size]
+    rates[name] = float(np.mean(in_support)) if group.size else 0.0
+  return rates
+
+
+def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, echo: bool = True,
+                     settings_file=None) -> ext.Extension:
+  """The :class:`~dessilbi_jax.train.Extension` that grows the network (module docstring).
+
+  Args:
+    settings: the rule's settings.
+    reset_state: the official code's behaviour (module docstring), for comparison.
+    echo: print a line per growth round (the widths that changed, params and MACs).
+    settings_file: where process 0 writes the settings after the first epoch
+      (``growth.json`` of the run directory), so that a resumed run grows the same way.
+  """
+
+  def decide(epoch: ext.Epoch) -> dict[str, Any]:
+    cfg = epoch.cfg
+    unit_map = _unit_map(epoch.model, epoch.state, cfg)
+    kinds = growable_layers(unit_map, epoch.state.params)
+    widths = {name: unit_map[name].size for name in kinds}
+    row: dict[str, Any] = {'widths': widths, 'grown': {}}
+    stopped = any(r.get('growth') == 'stopped' for r in epoch.history)
+    growing_until = cfg.epochs - settings.finetune_epochs
+    if epoch.epoch > growing_until:
+      row['growth'] = 'finetune'
+      return row
+    if stopped:
+      row['growth'] = 'stopped'
+      return row
+    row['growth'] = 'growing'
+    if not settings.is_check(epoch.epoch):
+      return row
+    rates = support_rates(unit_map, epoch.state.params, epoch.state.opt_state, kinds)
+    new = next_widths({n: Layer(widths[n], rates[n], kinds[n]) for n in kinds}, settings)
+    row['support_rate'] = rates
+    row['grown'] = {n: w for n, w in new.items() if w != widths[n]}
+    if not row['grown']:
+      row['growth'] = 'stopped'
+    return row
+
+  def epoch_end(epoch: ext.Epoch) -> Optional[ext.Reshaped]:
+    if settings_file is not None and jax.process_index() == 0 and not settings_file.exists():
+      tmp = settings_file.with_name(settings_file.name + '.tmp')
+      tmp.write_text(json.dumps({'settings': dataclasses.asdict(settings), 'reset_state': reset_state},
+                                indent=2) + '\n')
+      os.replace(tmp, settings_file)
+    grown = epoch.row.get('grown') or {}
+    if not grown:
+      return None
+    state = epoch.state
+    unit_map = _unit_map(epoch.model, state, epoch.cfg)
+    variables = steps.variables(state.params, state.batch_stats)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, 0x67726f77), epoch.epoch)   # 'grow'
+    new_units = {name: width - unit_map[name].size for name, width in grown.items()}
+    model, new_vars, opt_state = structure.widen(epoch.model, variables, unit_map, new_units, key,
+                                                 None if reset_state else state.opt_state,
+                                                 **({'fan_out': 'fresh'} if reset_state else {}))
+    if reset_state:
+      fresh = model.init(key, jnp.zeros((1, *unit_map.input_shape)), train=False)
+      new_vars = dict(new_vars)
+      if 'batch_stats' in fresh:
+        new_vars['batch_stats'] = fresh['batch_stats']
+      opt_state = epoch.tx.init(new_vars['params'])
+    new_state = state._replace(params=new_vars['params'], batch_stats=new_vars.get('batch_stats', {}),
+                               opt_state=opt_state)
+    if echo:
+      params, macs = structure.count(unit_map, variables)
+      new_map = _unit_map(model, new_state, epoch.cfg)
+      new_params, new_macs = structure.count(new_map, new_vars)
+      changed = ', '.join(f'{name} {unit_map[name].size}→{width}' for name, width in grown.items())
+      print(f'growth after epoch {epoch.epoch}: {changed}; params {params:,} → {new_params:,}, '
+            f'MACs {macs:,} → {new_macs:,}', flush=True)
+    return ext.Reshaped(widths=tuple(model.widths), state=jax.device_get(new_state))
+
+  return ext.Extension(NAME, metrics=decide, epoch_end=epoch_end)
+
+
+def _unit_map(model, state, cfg) -> structure.UnitMap:
+  info = data.dataset_info(cfg.dataset)
+  variables = steps.variables(state.params, state.batch_stats)
+  return structure.trace(model, variables, jax.ShapeDtypeStruct((1, *info.input_shape), jnp.float32))
