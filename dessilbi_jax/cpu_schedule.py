@@ -92,7 +92,7 @@ def _explicitly_sharded(x) -> bool:
 
 
 def wanted(ordering_edges: Optional[bool], leaves: Sequence[Any]) -> bool:
-  """Whether to order the writes: ``ordering_edges``, or by default on the CPU backend.
+  """Whether to order the writes: ``ordering_edges``, or by default when JAX's default backend is the CPU.
 
   Decided when the update is traced. The default is off where params are
   sharded in their types (``AxisType.Explicit``): the tokens index a sharded axis.

@@ -258,8 +258,9 @@ def dessilbi(
       Use ``jnp.float32`` with bf16/f16 params: ``Z`` accumulates steps of size α/ν.
     ordering_edges: order the writes of ``W``, ``Z`` and ``Γ`` with zero-valued
       data edges (:mod:`dessilbi_jax.cpu_schedule`), which keeps XLA's CPU
-      backend from copying the buffers. ``None`` (default): on when the update
-      is traced for the CPU backend, unless params are sharded in their types;
+      backend from copying the buffers. ``None`` (default): on when JAX's
+      default backend is the CPU (checked when the update is traced), unless
+      params are sharded in their types;
       ``True``/``False`` force it. The numbers are the same to the bit either way.
 
   Returns:
