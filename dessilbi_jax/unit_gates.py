@@ -33,7 +33,7 @@ Example::
   (('Dense_0',), {'Dense_0': 4})
   >>> variables, log_alphas = unit_gates.init_unit_gates(jax.random.key(1), variables, unit_map, names, 0.5)
   >>> log_alphas = {'Dense_0': jnp.array([5.0, -5.0, 5.0])}     # the middle neuron shut
-  >>> small_model, small_vars = unit_gates.purge(variables, unit_map, log_alphas)
+  >>> small_model, small_vars = unit_gates.purge(model, variables, unit_map, log_alphas)
   >>> small_model.widths
   (2,)
   >>> gated = model.apply(unit_gates.apply_gates(variables, unit_map, log_alphas), x)
@@ -125,7 +125,12 @@ def apply_gates(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping
   return structure.gate(variables, unit_map, z)
 
 
-def purge(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array], model=None):
+def _keep(unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+  """The units whose median gate is open (``ẑ > 0``)."""
+  return structure.keep_from_gates(unit_map, {n: l0.median_gates(a) for n, a in log_alphas.items()})
+
+
+def purge(model, variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array]):
   """The trained gated network as a plain smaller one: ``(model, variables)``.
 
   The median gates are folded into the weights (:func:`apply_gates`, exact for
@@ -134,8 +139,7 @@ def purge(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, 
   equal the gated network's at test time.
   """
   folded = apply_gates(variables, unit_map, log_alphas)
-  keep = {name: np.asarray(l0.median_gates(a)) > 0 for name, a in log_alphas.items()}
-  new_model, new_variables, _ = structure.remove(model, folded, unit_map, keep)
+  new_model, new_variables, _ = structure.remove(model, folded, unit_map, _keep(unit_map, log_alphas))
   return new_model, new_variables
 
 
@@ -152,8 +156,7 @@ def summary(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str
   """
   names = tuple(log_alphas)
   density = l0.model_density(dict(log_alphas), group_sizes(variables, unit_map, names))
-  keep = {name: np.asarray(l0.median_gates(a)) > 0 for name, a in log_alphas.items()}
-  params, macs = structure.count(unit_map, variables, keep)
+  params, macs = structure.count(unit_map, variables, _keep(unit_map, log_alphas))
   full_params, full_macs = structure.count(unit_map, variables)
   return {'expected_density': float(density), 'purged_params': params / full_params,
           'purged_macs': macs / full_macs}
