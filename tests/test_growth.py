@@ -117,7 +117,7 @@ def test_support_rates_count_units_with_a_weight_in_the_support(one_epoch):
   unit_map = structure.trace(model, variables, jnp.zeros((1, *info.input_shape)))
   kinds = growth.growable_layers(unit_map, state.params)
   assert kinds == {'Conv_0': 'conv', 'Conv_1': 'conv', 'Dense_0': 'dense', 'Dense_1': 'dense'}
-  rates = growth.support_rates(unit_map, state.params, state.opt_state, kinds)
+  rates = growth.support_rates(unit_map, state.opt_state, kinds)
   support = dl.support(state.opt_state)
   for name, kernel in (('Conv_0', support['Conv_0']['kernel']), ('Dense_0', support['Dense_0']['kernel'])):
     per_unit = np.asarray(kernel).reshape(-1, np.shape(kernel)[-1]).any(axis=0)

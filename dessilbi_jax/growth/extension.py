@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import dessilbi_jax as dl
 from dessilbi_jax import data
 from dessilbi_jax import structure
+from dessilbi_jax.structure import masks
 from dessilbi_jax.growth.rule import GrowthSettings, Layer, next_widths
 from dessilbi_jax.train import extensions as ext
 from dessilbi_jax.train import steps
@@ -66,26 +66,13 @@ def growable_layers(unit_map: structure.UnitMap, params) -> dict[str, str]:
   return layers
 
 
-def support_rates(unit_map: structure.UnitMap, params, opt_state, names) -> dict[str, float]:
-  """Per named group, the fraction of its units whose producer weights meet Γ's support."""
-  support = dl.support(opt_state)
-  by_path = {tuple(str(getattr(k, 'key', k)) for k in kp): s
-             for kp, s in jax.tree_util.tree_flatten_with_path(support, is_leaf=lambda x: x is None)[0]}
-  rates = {}
+def support_rates(unit_map: structure.UnitMap, opt_state, names) -> dict[str, float]:
+  """Per named group, the fraction of its units with a producer weight in Γ's support."""
+  keep = masks.keep_from_support(unit_map, opt_state, producers_only=True)
   for name in names:
-    group = unit_map[name]
-    in_support = np.zeros(group.size, bool)
-    for producer in group.producers:
-      s = by_path.get(producer.path)
-      if s is None:
-        raise ValueError(f'growth: layer {name!r} has no structure variable (its kernel '
-                         f'{"/".join(producer.path)} is not grouped by DessiLBI), so its support rate is unknown.')
-      s = np.asarray(s)
-      axes = tuple(a for a in range(s.ndim) if a != producer.axis)
-      per_channel = np.any(s, axis=axes)
-      in_support[producer.offset:producer.offset + producer.size] |= per_channel[:producer.size]
-    rates[name] = float(np.mean(in_support)) if group.size else 0.0
-  return rates
+    if not any(unit_map[name].producers):
+      raise ValueError(f'growth: layer {name!r} has no producer kernel, so its support rate is unknown.')
+  return {name: float(np.mean(keep[name])) if unit_map[name].size else 0.0 for name in names}
 
 
 def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, echo: bool = True,
@@ -117,7 +104,7 @@ def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, ech
     row['growth'] = 'growing'
     if not settings.is_check(epoch.epoch):
       return row
-    rates = support_rates(unit_map, epoch.state.params, epoch.state.opt_state, kinds)
+    rates = support_rates(unit_map, epoch.state.opt_state, kinds)
     new = next_widths({n: Layer(widths[n], rates[n], kinds[n]) for n in kinds}, settings)
     row['support_rate'] = rates
     row['grown'] = {n: w for n, w in new.items() if w != widths[n]}

@@ -48,8 +48,13 @@ def _units_marked(mask, s) -> np.ndarray:
   return along.reshape(s.repeat, s.size).any(axis=0)
 
 
-def keep_from_weights(unit_map: UnitMap, weight_masks) -> dict[str, np.ndarray]:
-  """Keep-masks of every prunable group from params-shaped weight masks (``None`` leaves: no mask)."""
+def keep_from_weights(unit_map: UnitMap, weight_masks, *, producers_only: bool = False) -> dict[str, np.ndarray]:
+  """Keep-masks of every prunable group from params-shaped weight masks (``None`` leaves: no mask).
+
+  A unit is kept when a producer weight of it is marked and every consumer
+  reads it through a marked weight; ``producers_only`` asks the first alone
+  (growth's support rate: the filters with Γ_f ≠ 0).
+  """
   masks = surgery._paths(weight_masks)  # pylint: disable=protected-access
   keep = {}
   for group in unit_map.prunable():
@@ -57,6 +62,8 @@ def keep_from_weights(unit_map: UnitMap, weight_masks) -> dict[str, np.ndarray]:
     for s in group.slices:
       mask = masks.get(s.path)
       if s.collection != 'params' or mask is None or s.role not in ('producer', 'consumer'):
+        continue
+      if producers_only and s.role != 'producer':
         continue
       marked = np.zeros(group.size, bool)
       marked[s.offset:s.offset + s.size] = _units_marked(mask, s)
@@ -71,10 +78,10 @@ def keep_from_weights(unit_map: UnitMap, weight_masks) -> dict[str, np.ndarray]:
   return keep
 
 
-def keep_from_support(unit_map: UnitMap, opt_state) -> dict[str, np.ndarray]:
-  """Keep-masks from Γ's support in a DessiLBI state (any optax state holding one)."""
+def keep_from_support(unit_map: UnitMap, opt_state, *, producers_only: bool = False) -> dict[str, np.ndarray]:
+  """Keep-masks from Γ's support in a DessiLBI state (any optax state holding one); see :func:`keep_from_weights`."""
   from dessilbi_jax import path  # pylint: disable=g-import-not-at-top
-  return keep_from_weights(unit_map, jax.device_get(path.support(opt_state)))
+  return keep_from_weights(unit_map, jax.device_get(path.support(opt_state)), producers_only=producers_only)
 
 
 def keep_from_gmp(unit_map: UnitMap, opt_state) -> dict[str, np.ndarray]:
