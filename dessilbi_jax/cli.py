@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
   grow.add_argument('--tau', type=float, default=None, help='grow a layer when this fraction of its units is '
                                                             'in Γ\'s support (default 0.8)')
   grow.add_argument('--grow-every', dest='grow_every', type=int, default=None,
-                    help='epochs between checks (digits 10, mnist1d 5)')
+                    help='epochs between checks (digits 10, mnist1d 3)')
   grow.add_argument('--finetune-epochs', dest='finetune_epochs', type=int, default=None,
-                    help='the last epochs, after growth, that fine-tune (digits 20, mnist1d 10)')
+                    help='the last epochs, after growth, that fine-tune (digits 20, mnist1d 15)')
   grow.add_argument('--max-width', dest='max_width', type=int, default=None, help='no layer grows past this width')
   grow.add_argument('--reset-state', dest='reset_state', action='store_true',
                     help="the official code's growth: optimizer state restarted, new fan-out random")

@@ -21,16 +21,20 @@ from dessilbi_jax.growth.extension import growth_extension
 from dessilbi_jax.growth.rule import GrowthSettings
 
 GROW_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    # (training overrides of train.preset(dataset), GrowthSettings fields). LeNet-5 starts at a third of
-    # its reference widths (6, 16, 120, 84); its convs are tiny, so they grow by 2 units (the paper's +8 is
-    # for VGG's 64-512) and dense layers by 8; checks every 10 epochs over the first 40 of 60, then
-    # 20 epochs of fine-tuning at α/10 (the preset's decay after epoch 40).
+    # (training overrides of train.preset(dataset), GrowthSettings fields). LeNet-5 starts at a third of its
+    # reference widths (6, 16, 120, 84); its convs are tiny, so they grow by 2 units (the paper's +8 is for
+    # VGG's 64-512 filters). Its dense layers do not grow: under the lasso nearly every dense neuron keeps
+    # some weight in Γ's support (rates 0.9-1.0 at every check), so the rate says nothing about them and
+    # they would grow at every round. Checks every 10 epochs over the first 40 of 60, then 20 epochs of
+    # fine-tuning at α/10 (the preset's decay after epoch 40).
     'digits': ({'widths': (2, 6, 40, 28)},
-               {'grow_every': 10, 'finetune_epochs': 20, 'min_add': {'conv': 2, 'dense': 8}}),
-    # The 1-D convnet starts at (8, 8, 8) of its reference (25, 25, 25); checks every 5 epochs over
-    # the first 20 of 30, then 10 epochs at α/10.
+               {'grow_every': 10, 'finetune_epochs': 20, 'min_add': {'conv': 2}, 'grow_dense': False}),
+    # The 1-D convnet starts at (8, 8, 8) of its reference (25, 25, 25); checks every 3 epochs over the
+    # first 15 of 30, then 15 epochs of fine-tuning (α/10 after epoch 20), so that the last units added
+    # still train at the full learning rate (with checks every 5 epochs up to epoch 20 the last round came
+    # just before the decay: 91.8 % against 92.9 %, seed 0).
     'mnist1d': ({'widths': (8, 8, 8)},
-                {'grow_every': 5, 'finetune_epochs': 10, 'min_add': {'conv': 4}}),
+                {'grow_every': 3, 'finetune_epochs': 15, 'min_add': {'conv': 4}}),
 }
 
 SETTINGS_FILE = 'growth.json'
