@@ -335,7 +335,7 @@ def _per_block(name: str, values, stage_sizes, what: str):
   return out
 
 
-def _check_nonnegative_ints(name: str, values, length: int):
+def _check_nonnegative_ints(name: str, values):
   if values is None:
     return
   flat = [v for item in values for v in (item if isinstance(item, (tuple, list)) else (item,))]
@@ -381,7 +381,7 @@ class CifarResNet(nn.Module):
       raise ValueError(f'cifar resnet widths must not decrease (option A shortcuts zero-pad '
                        f'channels, they cannot drop any); got {tuple(self.widths)}.')
     _per_block('block_widths', self.block_widths, self.stage_sizes, 'the internal width of each block')
-    _check_nonnegative_ints('block_widths', self.block_widths, sum(self.stage_sizes))
+    _check_nonnegative_ints('block_widths', self.block_widths)
     if self.shortcut_offsets is not None and len(self.shortcut_offsets) != len(self.stage_sizes) - 1:
       raise ValueError(f'shortcut_offsets needs one offset per stage after the first '
                        f'({len(self.stage_sizes) - 1}); got {self.shortcut_offsets!r}.')
@@ -445,7 +445,7 @@ class ResNet(nn.Module):
     if self.stem_width is not None:
       _check_widths('resnet stem', (self.stem_width,), 1, 'one number', (64,))
     _per_block('block_widths', self.block_widths, self.stage_sizes, 'the inner width(s) of each block')
-    _check_nonnegative_ints('block_widths', self.block_widths, sum(self.stage_sizes))
+    _check_nonnegative_ints('block_widths', self.block_widths)
     super().__post_init__()
 
   @property

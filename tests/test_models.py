@@ -250,3 +250,31 @@ def test_list_models_names_every_model_of_the_contract():
 def test_docstring_examples_run():
   result = doctest.testmod(models)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_per_layer_widths_of_the_resnets():
+  # ResNet-20 at widths (4, 8, 8): block 1 empty (its shortcut alone), stage 2 offset 0 instead of centred 2.
+  model = models.get_model('resnet20', 10, (8, 8, 3), widths=(4, 8, 8), block_widths=(2, 0, 3, 5, 1, 1, 2, 2, 2),
+                           shortcut_offsets=(0, 0))
+  params = _abstract_params(model, (8, 8, 3))
+  assert 'BasicBlock_1' not in params
+  # stem 3·9·4 + 2·4; a block c_in -> w -> c_out: 9·c_in·w + 9·w·c_out + 2·(w + c_out); head 8·10 + 10.
+  blocks = [(4, 2, 4), (4, 3, 4), (4, 5, 8), (8, 1, 8), (8, 1, 8), (8, 2, 8), (8, 2, 8), (8, 2, 8)]
+  expected = 3 * 9 * 4 + 2 * 4 + sum(9 * i * w + 9 * w * o + 2 * (w + o) for i, w, o in blocks) + 8 * 10 + 10
+  assert models.count_params(params) == expected
+  x = jnp.zeros((1, 8, 8, 3))
+  assert jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0), x), x).shape == (1, 10)
+  bottleneck = models.get_model('resnet50', 10, (32, 32, 3), stem_width=8, stream_widths=(16, 16, 32, 32),
+                                block_widths=((4, 4), (0, 0)) + ((2, 3),) * 14)
+  params = _abstract_params(bottleneck, (32, 32, 3))
+  assert params['Conv_0']['kernel'].shape == (7, 7, 3, 8)
+  assert params['BottleneckBlock_0']['shortcut_conv']['kernel'].shape == (1, 1, 8, 16)
+  assert params['BottleneckBlock_0']['Conv_1']['kernel'].shape == (3, 3, 4, 4)
+  assert 'BottleneckBlock_1' not in params
+  assert params['BottleneckBlock_3']['shortcut_conv']['kernel'].shape == (1, 1, 16, 16)  # stage 2 of 4
+  assert params['BottleneckBlock_7']['shortcut_conv']['kernel'].shape == (1, 1, 16, 32)
+  with pytest.raises(ValueError, match='resnet20 takes no stem_width; its per-layer widths are: block_widths, '
+                                       'shortcut_offsets'):
+    models.get_model('resnet20', 10, (32, 32, 3), stem_width=3)
+  with pytest.raises(ValueError, match='block_widths must have one entry per residual block \\(9'):
+    models.get_model('resnet20', 10, (32, 32, 3), block_widths=(1, 2))

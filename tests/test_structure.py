@@ -426,6 +426,7 @@ def test_widened_network_computes_the_same_and_keeps_old_values(name):
       assert np.all(np.take(np.asarray(momentum), np.flatnonzero(new), axis=s.axis) == 0)
 
 
+@pytest.mark.filterwarnings('ignore:Unit group')  # a random mask may empty one conv of the concatenation
 @pytest.mark.parametrize('name', ['lenet5', 'resnet20', 'concat_norm'])
 def test_gate_scales_units_and_binary_gates_are_zeroing(name):
   model, variables, x, unit_map = _case(name)
@@ -497,3 +498,14 @@ def test_a_declared_correction_makes_a_group_unprunable():
   fixed = unit_map.replace('Conv_0', prunable=False, reason='declared by the user')
   with pytest.raises(ValueError, match="'Conv_0' cannot lose units: declared by the user"):
     structure.remove(model, variables, fixed, {'Conv_0': np.arange(6) < 3})
+
+
+def test_every_stage_of_a_stream_keeps_a_channel():
+  model, variables, x, unit_map = _case('resnet20')
+  keep = {'Conv_0': np.arange(64) < 16}  # stage 3's own channels: stages 1 and 2 (units 16..47) would be empty
+  with pytest.warns(UserWarning, match='no channel; keeping its first'):
+    small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  assert small.widths == (1, 1, 17) and small.shortcut_offsets == (0, 16)  # unit 24 serves stages 1 and 2
+  with pytest.warns(UserWarning):
+    masked = structure.zero(variables, unit_map, keep)
+  np.testing.assert_allclose(_apply(small, small_vars, x), _apply(model, masked, x), rtol=1e-5, atol=1e-6)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,13 @@ def resolve_keep(unit_map: UnitMap, keep: Keep, *, cut_streams: bool = True, rou
       warnings.warn(f'Unit group {group.name!r} would lose all its {group.size} units; keeping its first unit '
                     '(only a residual block can vanish).', stacklevel=3)
       mask[0] = True
+    if group.block is None:
+      # A stream's stages are ranges of it (option-A offsets): each keeps a channel.
+      for s in group.producers:
+        if s.size and not mask[s.offset:s.offset + s.size].any():
+          warnings.warn(f'Unit group {group.name!r} would leave {"/".join(s.path[:-1])} no channel; keeping '
+                        f'its first.', stacklevel=3)
+          mask[s.offset] = True
     short = -int(mask.sum()) % round_to
     if mask.any() and short:
       mask[np.flatnonzero(~mask)[:short]] = True

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
