@@ -8,6 +8,7 @@
   dessilbi train --dataset mnist1d          # the 1-D convnet with mnist1d's preset
   dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
   dessilbi grow [--dataset digits] [--start-widths ...] [--tau 0.8] [--grow-every 10] [--out DIR]
+  dessilbi compact --run DIR [--epoch E] --out DIR2
   dessilbi train --resume --out DIR [--epochs N] [--fall-back]
   dessilbi train --distributed [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
 
@@ -122,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
   grow.add_argument('--resume', action='store_true', help='continue the growth run in --out')
   grow.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
 
+  small = commands.add_parser('compact', help='write the physically smaller network of a run',
+                              description="Remove the units outside Γ's support (or the zero units of a run "
+                                          "without Γ) from a run's checkpoint and write the smaller network, "
+                                          "loadable with dessilbi_jax.structure.load_compact(DIR2).")
+  small.add_argument('--run', required=True, help='directory of a `dessilbi train` or `dessilbi grow` run')
+  small.add_argument('--epoch', type=int, default=None, help='the checkpoint of this epoch (default: the last)')
+  small.add_argument('--out', required=True, help='new directory for the compact model (never overwritten)')
+
   ticket = commands.add_parser('ticket', help="retrain the support of Γ at an epoch of a run",
                                description='Retrain the sparse structure found at an epoch of a run '
                                            'with SGD-momentum (the weights outside it stay zero).')
@@ -147,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       _train(args, train)
     elif args.command == 'grow':
       _grow(args, train)
+    elif args.command == 'compact':
+      _compact(args)
     else:
       _ticket(args, train)
   except train.ConfigError as e:
@@ -222,6 +233,17 @@ def _grow(args, train) -> None:
   print(f'Done in {time.perf_counter() - start:.0f} s: grown from {" ".join(map(str, cfg.widths))} to {widths}; '
         f'test accuracy dense {100 * last["dense_test_acc"]:.1f}%, sparse {100 * last["sparse_test_acc"]:.1f}%. '
         f'Wrote {out}/ (metrics.jsonl with the widths per epoch, plots/widths.png, checkpoints/).')
+
+
+def _compact(args) -> None:
+  from dessilbi_jax.structure import compact
+  report = compact.compact_run(args.run, args.epoch, args.out)
+  print(f'Compact network of {args.run}, epoch {report["epoch"]}: params {report["compact_params"]:,} of '
+        f'{report["dense_params"]:,} ({100 * report["compact_params"] / report["dense_params"]:.1f}%), MACs '
+        f'{report["compact_macs"]:,} of {report["dense_macs"]:,} '
+        f'({100 * report["compact_macs"] / report["dense_macs"]:.1f}%), test accuracy '
+        f'{100 * report["compact_test_acc"]:.1f}%. Wrote {args.out}/; load it with '
+        f'dessilbi_jax.structure.load_compact({str(args.out)!r}).')
 
 
 def _summary(history, out, seconds: float, train) -> str:

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
+from dessilbi_jax import cli
 from dessilbi_jax import baselines
 from dessilbi_jax import models
 from dessilbi_jax import structure
@@ -172,7 +173,7 @@ def test_save_compact_never_overwrites(saved):
 @pytest.mark.filterwarnings('ignore:Unit group')  # after one epoch, layers with no filter in Γ keep one
 def test_compact_run_writes_the_removed_network_of_a_checkpoint(tmp_path):
   cfg = train.TrainConfig(model='lenet', dataset='digits', widths=(4, 8, 16, 16), batch_size=128, epochs=1,
-                          lr=0.05, lambda_=(('filter', 0.02), ('lasso', 0.02)), data_dir=str(tmp_path / 'data'))
+                          lr=0.05, lambdas=(('filter', 0.02), ('lasso', 0.02)), data_dir=str(tmp_path / 'data'))
   result = train.fit(cfg, tmp_path / 'run', quiet=True)
   report = compact.compact_run(tmp_path / 'run', None, tmp_path / 'compact')
   model, variables = structure.load_compact(tmp_path / 'compact')
@@ -185,3 +186,14 @@ def test_compact_run_writes_the_removed_network_of_a_checkpoint(tmp_path):
   assert report['compact_macs'] == models.count_flops(model, (8, 8, 1)) < report['dense_macs']
   assert report['compact_test_acc'] == train.evaluate(model, variables, 'digits', data_dir=cfg.data_dir)
   assert json.loads((tmp_path / 'compact' / 'compact.json').read_text()) == report
+  # The trainer's per-epoch compact metrics are those of this network (its accuracy measured on the
+  # whole-unit-masked network, which computes the same function).
+  last = result.history[-1]
+  assert (last['compact_params'], last['compact_macs']) == (report['compact_params'], report['compact_macs'])
+  assert last['compact_test_acc'] == pytest.approx(report['compact_test_acc'], abs=1.5 / 355)
+  # The command: the same network, and nothing overwritten.
+  assert cli.main(['compact', '--run', str(tmp_path / 'run'), '--out', str(tmp_path / 'cli')]) == 0
+  again, again_vars = structure.load_compact(tmp_path / 'cli')
+  assert again == model
+  assert cli.main(['compact', '--run', str(tmp_path / 'run'), '--out', str(tmp_path / 'cli')]) == 1
+  assert cli.main(['compact', '--run', str(tmp_path / 'run'), '--epoch', '7', '--out', str(tmp_path / 'e7')]) == 1

@@ -5,6 +5,11 @@
 * :func:`compact_metrics` gives ``compact_test_acc``, ``compact_params`` and
   ``compact_macs`` of the network :func:`~dessilbi_jax.structure.remove`
   would give now (for the trainer's per-epoch metrics);
+* :func:`compact_extension` reports those three every epoch of
+  :func:`dessilbi_jax.train.fit` (it adds it by itself): the accuracy is that
+  of the whole-unit-masked network (:func:`~dessilbi_jax.structure.zero`),
+  which computes what the removed one computes, so the step compiled for the
+  full network serves and nothing is rebuilt per epoch;
 * :func:`compact_run` reads a run directory's checkpoint and writes the
   compact model (``dessilbi compact --run DIR [--epoch E] --out DIR2``).
 """
@@ -57,6 +62,43 @@ def compact_metrics(model, variables, opt_state, dataset: str, input_shape, *, d
               compact_macs=models.count_flops(small, tuple(input_shape)))
 
 
+NAME = 'compact'
+
+
+def compact_extension():
+  """The trainer extension that adds ``compact_test_acc``, ``compact_params``, ``compact_macs`` to every epoch.
+
+  ``None`` entries where the model's unit map cannot be traced (a user's model
+  with an op :func:`~dessilbi_jax.structure.trace` cannot follow).
+  """
+  from dessilbi_jax import train  # pylint: disable=g-import-not-at-top
+  from dessilbi_jax.structure.trace import UntraceableError  # pylint: disable=g-import-not-at-top
+  from dessilbi_jax.structure.count import count  # pylint: disable=g-import-not-at-top
+  maps: dict[Any, Optional[UnitMap]] = {}
+
+  def metrics(epoch) -> dict[str, Any]:
+    state = epoch.state
+    variables = {'params': state.params, **({'batch_stats': state.batch_stats} if state.batch_stats else {})}
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), variables)
+    key = (id(epoch.model), str(jax.tree.structure(shapes)), tuple(np.shape(a) for a in jax.tree.leaves(shapes)))
+    if key not in maps:
+      from dessilbi_jax import data  # pylint: disable=g-import-not-at-top
+      x = jax.ShapeDtypeStruct((1, *data.dataset_info(epoch.cfg.dataset).input_shape), jnp.float32)
+      try:
+        maps[key] = trace(epoch.model, shapes, x)
+      except (UntraceableError, ValueError):
+        maps[key] = None
+    unit_map = maps[key]
+    if unit_map is None:
+      return dict(compact_test_acc=None, compact_params=None, compact_macs=None)
+    keep = compact_keep(unit_map, state.params, state.opt_state)
+    params, macs = count(unit_map, variables, keep)
+    masked = surgery.zero(variables, unit_map, keep)
+    return dict(compact_test_acc=epoch.evaluate(epoch.model, masked), compact_params=params, compact_macs=macs)
+
+  return train.Extension(NAME, metrics=metrics)
+
+
 def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True) -> dict[str, Any]:
   """Writes the compact network of ``run_dir``'s checkpoint of ``epoch`` (default: latest) to ``out_dir``.
 
@@ -69,7 +111,13 @@ def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
     raise FileExistsError(f'--out {out_dir} exists and is not empty; pass a new directory (nothing is overwritten).')
   cfg = train.load_config(run_dir)
-  model, info = train.build_model(cfg)
+  saved = checkpoint.saved_epochs(run_dir / 'checkpoints')
+  if not saved:
+    raise FileNotFoundError(f'{run_dir / "checkpoints"} holds no checkpoint: is --run {run_dir} a training run?')
+  if epoch is not None and epoch not in saved:
+    raise ValueError(f'--epoch {epoch}: {run_dir} keeps the checkpoints of epochs {saved} only.')
+  widths = checkpoint.read_record(run_dir / 'checkpoints', saved[-1] if epoch is None else epoch).get('widths')
+  model, info = train.build_model(cfg, None if widths is None else tuple(widths))
   steps_per_epoch = data.steps_per_epoch(cfg.dataset, cfg.batch_size)
   tx = train.make_optimizer(cfg, steps_per_epoch)
   variables = train.init_variables(model, info.input_shape, jax.random.PRNGKey(0))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 import dessilbi_jax as dl
 from dessilbi_jax import checkpoint
 from dessilbi_jax import data
+from dessilbi_jax.structure import compact
 from dessilbi_jax.train import extensions as ext
 from dessilbi_jax.train import run_dir as files
 from dessilbi_jax.train import steps
@@ -78,6 +79,9 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
   """
   check_config(cfg)
   extensions = tuple(extensions)
+  if not any(e.name == compact.NAME for e in extensions):
+    # The network surgery would give now: its accuracy, params and MACs, every epoch.
+    extensions = (compact.compact_extension(),) + extensions
   ext.check_names(extensions)
   trainables = ext.trainables(extensions)
   run_dir = None if out_dir is None else files.local_path(out_dir)
@@ -394,9 +398,16 @@ def _summary_line(row: Mapping[str, Any], epochs: int, added: Mapping[str, Any] 
       kept, total = per_kind.get(leaf['kind'], (0, 0))
       per_kind[leaf['kind']] = (kept + leaf['groups_in_support'], total + leaf['groups'])
   kinds = ''.join(f' {kind}s {kept}/{total}' for kind, (kept, total) in per_kind.items())
+  added = dict(added)
+  small = ''
+  if added.get('compact_test_acc') is not None:
+    small = (f'  compact {percent(added["compact_test_acc"])} ({added["compact_params"]:,} params, '
+             f'{added["compact_macs"]:,} MACs)')
+  for key in ('compact_test_acc', 'compact_params', 'compact_macs'):
+    added.pop(key, None)
   # Structured values (per-layer tables) go to metrics.jsonl only; the line shows numbers and words.
-  extra = ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
-                  for key, value in added.items() if isinstance(value, (int, float, str)))
+  extra = small + ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
+                          for key, value in added.items() if isinstance(value, (int, float, str)))
   return (f'epoch {row["epoch"]:3d}/{epochs}  step {row["step"]:6d}  loss {row["train_loss"]:.4f}  '
           f'train {percent(row["train_acc"])}  test dense {percent(row["dense_test_acc"])}  '
           f'sparse {percent(row["sparse_test_acc"])}  support: groups {percent(row["groups_kept"])}  '
