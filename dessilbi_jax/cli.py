@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
   ticket.add_argument('--epochs', type=int, default=None, help='epochs of retraining (default: the run\'s)')
   ticket.add_argument('--lr', type=float, default=None, help="learning rate (default: the run's)")
   ticket.add_argument('--out', default=None, help='output directory (default RUN/ticket-epoch<E>-<init>)')
+  ticket.add_argument('--full-size', dest='full_size', action='store_true',
+                      help='retrain the masked full-size network (default: the network with the dead units removed)')
   ticket.add_argument('--resume', action='store_true', help='continue an interrupted retraining')
   ticket.add_argument('--quiet', action='store_true', help='no progress bar or per-epoch lines (the final summary still prints)')
   return parser
@@ -294,14 +296,17 @@ def _lambdas(words: Sequence[str], preset):
 
 def _ticket(args, train) -> None:
   report = train.retrain_ticket(args.run, args.epoch, init=args.init, epochs=args.epochs, lr=args.lr,
-                                out_dir=args.out, resume=args.resume, quiet=args.quiet)
+                                out_dir=args.out, resume=args.resume, quiet=args.quiet,
+                                compact=not args.full_size)
   # Printed under --quiet too.
   kept = report['params_kept'] / report['params']
   flops = report['flops'] / report['dense_flops']
   print(f'Ticket of epoch {report["epoch"]} ({report["init"]}), retrained {report["epochs"]} epochs: '
         f'test accuracy {100 * report["test_acc"]:.1f}%; params kept {report["params_kept"]:,} of '
         f'{report["params"]:,} ({100 * kept:.1f}%); forward MACs {report["flops"]:,} of '
-        f'{report["dense_flops"]:,} ({100 * flops:.1f}%). Wrote {report["out"]}/.')
+        f'{report["dense_flops"]:,} ({100 * flops:.1f}%).' + (
+            f' Trained on the network with the dead units removed, widths {" ".join(map(str, report["widths"]))} '
+            f'({report["trained_params"]:,} params).' if report['compact'] else '') + f' Wrote {report["out"]}/.')
 
 
 def _initialize_distributed(args) -> None:

@@ -8,11 +8,14 @@ import numbers
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dessilbi_jax import checkpoint
 from dessilbi_jax import grouping
 from dessilbi_jax import models
+from dessilbi_jax import structure
+from dessilbi_jax.structure import masks as structure_masks
 from dessilbi_jax.train import run_dir as files
 from dessilbi_jax.train import steps
 from dessilbi_jax.train.config import INITS
@@ -58,20 +61,53 @@ def suggest_epoch(history, within: float = 0.01) -> Optional[int]:
               and h['sparse_test_acc'] >= final - within)
 
 
+def _removable(model) -> bool:
+  """Whether the removed network is rebuilt by ``widths`` alone (what a run's config can hold)."""
+  return isinstance(model, (models.MLP, models.LeNet5, models.Conv1DNet, models.VGG16))
+
+
+def compact_ticket(model, variables, masks, init_params, input_shape):
+  """The removed network of a ticket: ``(model, masks, init_params)`` with the dead units cut out.
+
+  A unit is dead when the masks keep none of its producer weights or no
+  consumer reads it; the ticket's remaining weight masks (single dense
+  weights) are sliced along, so that the removed network trains exactly the
+  weights the masked full-size one trains.
+  """
+  unit_map = structure.trace(model, variables, jnp.zeros((1, *input_shape)))
+  keep = structure_masks.keep_from_weights(unit_map, masks)
+  mask_vars = {'params': steps.full_masks(masks, variables['params']),
+               **({'batch_stats': jax.tree.map(np.ones_like, variables['batch_stats'])}
+                  if variables.get('batch_stats') else {})}
+  small, small_masks, _ = structure.remove(model, jax.tree.map(lambda m: np.asarray(m, np.float32), mask_vars),
+                                           unit_map, keep)
+  small_init = None
+  if init_params is not None:
+    init_vars = dict(variables, params=init_params)
+    small_init = structure.remove(model, init_vars, unit_map, keep)[1]['params']
+  return small, jax.tree.map(lambda m: np.asarray(m) > 0, small_masks['params']), small_init
+
+
 def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optional[int] = None,
                    lr: Optional[float] = None, out_dir=None, resume: bool = False,
-                   quiet: bool = False) -> dict[str, Any]:
+                   quiet: bool = False, compact: bool = True) -> dict[str, Any]:
   """Retrains the support of Γ after ``epoch`` of a run with SGD-momentum (a winning ticket).
 
-  The weights outside the support are zero and stay exactly zero. ``init``:
+  The weights outside the support are zero and stay exactly zero. With
+  ``compact`` (the default, for the zoo's models rebuilt by their widths:
+  MLP, LeNet-5, conv1d, VGG-16) the units the support leaves dead are removed
+  first (:func:`compact_ticket`), so a smaller, faster network trains the same
+  weights; ``compact=False`` retrains the masked full-size network. ``init``:
   ``'rewind'`` starts from the run's own initialization, ``'reinit'`` from a
   fresh one (seed + 1). ``epochs`` and ``lr`` default to the run's. Writes
   ``metrics.jsonl``, ``ticket.json`` and plots into ``out_dir`` (default
   ``run_dir/ticket-epoch<E>-<init>``).
 
   Returns:
-    A dict with ``test_acc``, ``params_kept``, ``params``, ``flops`` and
-    ``dense_flops`` (multiply-accumulates of one forward pass), and more.
+    A dict with ``test_acc``, ``params_kept`` (the weights trained),
+    ``params`` and ``dense_flops`` (the run's network), ``trained_params`` and
+    ``flops`` (the network trained: its size and the multiply-accumulates of
+    one forward pass through its non-zero weights), ``widths`` and more.
   """
   run_dir = files.local_path(run_dir, '--run')
   if init not in INITS:
@@ -93,18 +129,26 @@ def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optiona
   run_rows = [h for h in files.read_history(run_dir) if h['epoch'] == epoch]
   init_params = checkpoint.load_tree(run_dir / 'init_params', template) if init == 'rewind' else None
   out_dir = files.local_path(out_dir) if out_dir else run_dir / f'ticket-epoch{epoch}-{init}'
+  dense_model, dense_params = model, template
+  compact = compact and _removable(model)
+  if compact:
+    variables = steps.init_variables(model, info.input_shape, jax.random.PRNGKey(0))
+    model, masks, init_params = compact_ticket(model, variables, masks, init_params, info.input_shape)
+    cfg = dataclasses.replace(cfg, widths=tuple(model.widths))
+    check_config(cfg)
   result = fit(cfg, out_dir, resume=resume, masks=masks, init_params=init_params, quiet=quiet)
 
-  pruned = sum(int(np.size(m) - np.count_nonzero(m)) for m in jax.tree.leaves(masks))
-  total = models.count_params(result.params)
+  full = steps.full_masks(masks, result.params)
   report = dict(
       run=str(run_dir), out=str(out_dir), epoch=epoch, init=init, epochs=cfg.epochs,
       test_acc=result.history[-1]['dense_test_acc'],
       run_dense_test_acc=run_rows[-1].get('dense_test_acc') if run_rows else None,
       run_sparse_test_acc=run_rows[-1].get('sparse_test_acc') if run_rows else None,
-      params=total, params_kept=total - pruned,
+      params=models.count_params(dense_params), params_kept=int(sum(np.count_nonzero(m) for m in jax.tree.leaves(full))),
+      trained_params=models.count_params(result.params), compact=compact,
+      widths=list(model.widths) if hasattr(model, 'widths') else None,
       flops=models.count_flops(model, info.input_shape, params=result.params),
-      dense_flops=models.count_flops(model, info.input_shape))
+      dense_flops=models.count_flops(dense_model, info.input_shape))
   if jax.process_index() == 0:
     (out_dir / 'ticket.json').write_text(json.dumps(report, indent=2) + '\n')
   return report
