@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -20,12 +19,19 @@ from dessilbi_jax import train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05', '--quiet']
 
-# One process of `dessilbi train --distributed ...`; it saves the params it ends with beside the run.
+# One process of `dessilbi train --distributed ...`; it saves the params it ends with beside the run. With
+# $LATE_UNTIL, process 1 reaches the run directory only once that file exists (a process that starts late).
 _PROCESS = textwrap.dedent("""
-    import sys, numpy as np, jax
+    import os, pathlib, sys, time, numpy as np, jax
     from dessilbi_jax import cli, grouping, train
     real_fit, results = train.fit, []
-    train.fit = lambda *args, **kwargs: results.append(real_fit(*args, **kwargs)) or results[-1]
+    def fit(*args, **kwargs):
+      late = os.environ.get('LATE_UNTIL')
+      while late and jax.process_index() == 1 and not pathlib.Path(late).exists():
+        time.sleep(0.02)
+      results.append(real_fit(*args, **kwargs))
+      return results[-1]
+    train.fit = fit
     status = cli.main(sys.argv[2:])
     if results:
       flat = jax.tree_util.tree_flatten_with_path(results[-1].params)[0]
@@ -40,18 +46,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(argv, dump, *, late_start: pathlib.Path = None, timeout=150):
-  """Runs ``dessilbi train --distributed`` as processes 0 and 1; process 1 starts once ``late_start`` exists."""
+def _two_processes(argv, dump, *, late_until: pathlib.Path = None, timeout=150):
+  """Runs ``dessilbi train --distributed`` as processes 0 and 1; process 1 goes on once ``late_until`` exists."""
   port = _free_port()
-  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu', 'LATE_UNTIL': str(late_until or '')}
   env.pop('XLA_FLAGS', None)
   procs = []
   try:
     for i in range(2):
-      if i == 1 and late_start is not None:
-        deadline = time.monotonic() + 60
-        while not late_start.exists() and time.monotonic() < deadline:
-          time.sleep(0.05)
       procs.append(subprocess.Popen(
           [sys.executable, '-c', _PROCESS, str(dump), 'train', *argv, '--distributed', '--coordinator-address',
            f'localhost:{port}', '--num-processes', '2', '--process-id', str(i)],
@@ -83,9 +85,10 @@ def _params_of_checkpoint(run_dir, epoch, like):
 def test_two_processes_train_like_one_and_only_process_0_writes(single, tmp_path):
   data_dir, single_dir, result = single
   out = tmp_path / 'run'
-  # Process 1 starts only once process 0 has created the directory: it must not take it for another run's.
+  # Process 1 reaches the directory only once process 0 has created it and taken its lock: it must not take
+  # it for another run's.
   params = _two_processes([*FLAGS, '--epochs', '1', '--data-dir', data_dir, '--out', str(out)], tmp_path / 'p',
-                          late_start=out)
+                          late_until=out / '.lock')
   assert sorted(params[0].files) == sorted(params[1].files)
   for name in params[0].files:
     np.testing.assert_array_equal(params[0][name], params[1][name])   # both processes hold the same bits

@@ -79,22 +79,24 @@ def test_ticket_reads_a_run_with_a_torn_last_line(copy, capsys):
 
 def test_flipped_bits_in_a_checkpoint_are_caught_by_its_checksums(copy, run):
   directory = copy / 'checkpoints'
-  data = max((p for p in (directory / '2' / 'state').rglob('*') if p.is_file() and p.parent.name == 'd'),
-             key=lambda p: p.stat().st_size)   # the largest data file: the arrays
-  original = data.read_bytes()
+  files = sorted(p for p in (directory / '2' / 'state').rglob('*') if p.is_file() and p.parent.name == 'd')
   messages = []
-  for fraction in (0.2, 0.4, 0.6, 0.8):
-    damaged = bytearray(original)
-    damaged[int(len(original) * fraction)] ^= 0x10   # one bit
-    data.write_bytes(bytes(damaged))
-    with pytest.raises(checkpoint.CheckpointError, match='The checkpoint of epoch 2 in') as error:
-      checkpoint.restore(directory, run[1].state, epoch=2)
-    messages.append(str(error.value))
-  data.write_bytes(original)
-  # Orbax reads such flips without complaint (it checks only its index): the checksums name the damage.
+  for file in files:   # orbax's data files (some are index nodes it no longer reads)
+    original = file.read_bytes()
+    for fraction in (0.25, 0.5, 0.75):
+      damaged = bytearray(original)
+      damaged[int(len(original) * fraction)] ^= 0x10   # one bit
+      file.write_bytes(bytes(damaged))
+      try:
+        state, _ = checkpoint.restore(directory, run[1].state, epoch=2)
+      except checkpoint.CheckpointError as e:
+        assert 'The checkpoint of epoch 2 in' in str(e)
+        messages.append(str(e))
+      else:   # a byte that is not read: the state must be the saved one, to the bit
+        _assert_trees_equal(state, run[1].state)
+      file.write_bytes(original)
+  # Orbax reads most such flips without complaint (it checks only its index): the checksums name the damage.
   assert any('is damaged: the checksum of' in m for m in messages), messages
-  state, _ = checkpoint.restore(directory, run[1].state, epoch=2)
-  _assert_trees_equal(state, run[1].state)
 
 
 def test_a_damaged_checkpoint_falls_back_only_when_asked(copy, tiny, run, capsys):
