@@ -40,9 +40,11 @@ def test_train_then_resume(run, capsys):
 
 
 def test_ticket_retrains_the_support_of_an_epoch(run, capsys):
-  assert cli.main(['ticket', '--run', str(run), '--epoch', '2', '--epochs', '1']) == 0
+  # --full-size: the masked full network, whose kept weights are exactly the support's (the default,
+  # the network with the dead units removed, is tested in test_compact_ticket.py).
+  assert cli.main(['ticket', '--run', str(run), '--epoch', '2', '--epochs', '1', '--full-size']) == 0
   out = capsys.readouterr().out
-  assert 'Ticket of epoch 2 (rewind)' in out and 'forward MACs' in out
+  assert 'Ticket of epoch 2 (rewind)' in out and 'forward MACs' in out and 'dead units removed' not in out
   report = json.loads((run / 'ticket-epoch2-rewind' / 'ticket.json').read_text())
   assert (run / 'ticket-epoch2-rewind' / 'metrics.jsonl').is_file()
   assert (run / 'ticket-epoch2-rewind' / 'plots' / 'accuracy.png').is_file()
