@@ -11,13 +11,7 @@ import pytest
 from dessilbi_jax import models
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _rbg_keys():
-  # Threefry keys take ~9 s to compile ResNet-20's init on a 2-core CPU; 'rbg' keys ~2 s.
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update('jax_default_prng_impl', 'rbg')
-  yield
-  jax.config.update('jax_default_prng_impl', previous)
+pytestmark = pytest.mark.usefixtures('rbg_keys')   # conftest.py: fast init of the large models
 
 
 def _abstract_params(model, input_shape):

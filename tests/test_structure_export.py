@@ -19,12 +19,7 @@ from dessilbi_jax import train
 from dessilbi_jax.structure import compact
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _rbg_keys():
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update('jax_default_prng_impl', 'rbg')
-  yield
-  jax.config.update('jax_default_prng_impl', previous)
+pytestmark = pytest.mark.usefixtures('rbg_keys')   # conftest.py: fast init of the large models
 
 
 @pytest.fixture(scope='module')

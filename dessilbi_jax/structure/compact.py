@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -92,8 +93,10 @@ def compact_extension():
     if unit_map is None:
       return dict(compact_test_acc=None, compact_params=None, compact_macs=None)
     keep = compact_keep(unit_map, state.params, state.opt_state)
-    params, macs = count(unit_map, variables, keep)
-    masked = surgery.zero(variables, unit_map, keep)
+    with warnings.catch_warnings():   # early in a run most layers would lose every unit (each keeps one): no warning per epoch
+      warnings.simplefilter('ignore', UserWarning)
+      params, macs = count(unit_map, variables, keep)
+      masked = surgery.zero(variables, unit_map, keep)
     return dict(compact_test_acc=epoch.evaluate(epoch.model, masked), compact_params=params, compact_macs=macs)
 
   return train.Extension(NAME, metrics=metrics)

@@ -239,6 +239,22 @@ def _map_state(opt_state, old_params, new_params, fn):
   return walk(opt_state)
 
 
+def _regathered_state(opt_state, variables, new_vars, plan, fill=None):
+  """``opt_state`` with every params-shaped (or per-group) leaf regathered like the params by ``plan``.
+
+  ``fill(leaf)`` gives the value of new entries (widening); removal has none.
+  """
+  old_params = _paths(variables['params'])
+
+  def regather(leaf, path):
+    if np.ndim(leaf) == 0:
+      return leaf
+    cuts = {axis: index for axis, (index, _) in plan.get(('params', path), {}).items()}
+    return _regather(leaf, cuts, np.shape(old_params[path]), None if fill is None else fill(leaf))
+
+  return _map_state(opt_state, variables['params'], new_vars['params'], regather)
+
+
 def _sources_of(unit_map: UnitMap, keep: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {g.name: np.flatnonzero(keep[g.name]) for g in unit_map.groups}
 
@@ -272,17 +288,7 @@ def remove(model, variables, unit_map: UnitMap, keep: Keep, opt_state=None, *, c
   template = jax.eval_shape(new_model.init, jax.random.key(0), x)
   plan = _leaf_plan(unit_map, sources)
   new_vars = _new_variables(variables, template, plan)
-  new_state = None
-  if opt_state is not None:
-    old_params = _paths(variables['params'])
-
-    def cut(leaf, path):
-      if np.ndim(leaf) == 0:
-        return leaf
-      cuts = {axis: index for axis, (index, _) in plan.get(('params', path), {}).items()}
-      return _regather(leaf, cuts, np.shape(old_params[path]))
-
-    new_state = _map_state(opt_state, variables['params'], new_vars['params'], cut)
+  new_state = None if opt_state is None else _regathered_state(opt_state, variables, new_vars, plan)
   return new_model, new_vars, new_state
 
 
@@ -380,18 +386,10 @@ def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key
       return leaf
     fills[collection] = jax.tree_util.tree_map_with_path(fill, fresh[collection])
   new_vars = _new_variables(variables, fresh, plan, fills, what='widen')
-  new_state = None
-  if opt_state is not None:
-    old_params = _paths(variables['params'])
-
-    def grow(leaf, path):
-      if np.ndim(leaf) == 0:
-        return leaf
-      cuts = {axis: index for axis, (index, _) in plan.get(('params', path), {}).items()}
-      fill_value = -1 if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.integer) else 0
-      return _regather(leaf, cuts, np.shape(old_params[path]), jnp.asarray(fill_value, jnp.asarray(leaf).dtype))
-
-    new_state = _map_state(opt_state, variables['params'], new_vars['params'], grow)
+  # New units' state: 0 (Z, Γ, momentum, moments); integer leaves -1 (entry_step: never entered).
+  fill = lambda leaf: jnp.asarray(-1 if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.integer) else 0,
+                                  jnp.asarray(leaf).dtype)
+  new_state = None if opt_state is None else _regathered_state(opt_state, variables, new_vars, plan, fill)
   return new_model, new_vars, new_state
 
 
