@@ -388,7 +388,7 @@ def test_a_dessilbi_step_on_the_removed_network_is_the_step_on_the_masked_one(na
 
 # -- widen and gate ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', ['lenet5', 'resnet20', 'residual_flatten', 'concat_norm'])
+@pytest.mark.parametrize('name', _IDS)
 def test_widened_network_computes_the_same_and_keeps_old_values(name):
   model, variables, x, unit_map = _case(name)
   tx = dl.dessilbi(0.1, mu=1.0)
@@ -419,6 +419,29 @@ def test_widened_network_computes_the_same_and_keeps_old_values(name):
       for part in s.path:
         momentum = momentum[part]
       assert np.all(np.take(np.asarray(momentum), np.flatnonzero(new), axis=s.axis) == 0)
+
+
+@pytest.mark.parametrize('name', ['lenet5', 'resnet20'])
+def test_a_dessilbi_step_after_widening_is_the_unwidened_step_on_the_old_units(name):
+  # The new units' fan-out is zero, so the loss, and every old weight's gradient, are those of the old
+  # network; their own state starts at zero. The step, cut back to the old units, is the old step (after
+  # it the new fan-out is no longer zero, and the networks part).
+  model, variables, x, unit_map = _case(name)
+  labels = jnp.arange(2) % 10
+  tx = dl.dessilbi(0.1, mu=1.0, lambdas=0.01)
+  old_params, old_state = _steps(model, variables, tx, tx.init(variables['params']), x, labels, steps=1)
+  grow = {g.name: 3 for g in unit_map.prunable()}
+  wide, wide_vars, wide_state = structure.widen(model, variables, unit_map, grow, jax.random.key(2),
+                                                tx.init(variables['params']))
+  wide_params, wide_state = _steps(wide, wide_vars, tx, wide_state, x, labels, steps=1)
+  new_map = structure.trace(wide, wide_vars, x, rebuild=unit_map.rebuild)
+  old_units = {g.name: np.arange(g.size + grow.get(g.name, 0)) < g.size for g in unit_map.groups}
+  _, back, back_state = structure.remove(wide, {**wide_vars, 'params': wide_params}, new_map, old_units, wide_state)
+  for a, b in zip(jax.tree.leaves(back['params']), jax.tree.leaves(old_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(dl.gamma(back_state)), jax.tree.leaves(dl.gamma(old_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(wide_params)[0], jax.tree.leaves(wide_vars['params'])[0])
 
 
 @pytest.mark.filterwarnings('ignore:Unit group')  # a random mask may empty one conv of the concatenation
