@@ -109,7 +109,9 @@ def _last_row(run_dir: pathlib.Path) -> dict[str, Any]:
 
 def _point(method, label, acc, row, runs, **extra) -> dict[str, Any]:
   weights, filters = kept(row)
-  return dict(method=method, label=label, acc=acc, weights_kept=weights, filters_kept=filters, runs=runs, **extra)
+  # The network surgery gives of this model (dead units removed): params and MACs per example.
+  return dict(method=method, label=label, acc=acc, weights_kept=weights, filters_kept=filters, runs=runs,
+              compact_params=row.get('compact_params'), compact_macs=row.get('compact_macs'), **extra)
 
 
 def run_seed(setting: Setting, seed: int, workdir: pathlib.Path) -> list[dict[str, Any]]:
@@ -166,7 +168,8 @@ def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
   rows = []
   for (method, label), ps in groups.items():
     stats = {k: (float(np.mean([p[k] for p in ps])), float(np.std([p[k] for p in ps])))
-             for k in ('acc', 'weights_kept', 'filters_kept')}
+             for k in ('acc', 'weights_kept', 'filters_kept', 'compact_params', 'compact_macs')
+             if all(p.get(k) is not None for p in ps)}
     epochs = [p['epoch'] for p in ps if p.get('epoch') is not None]
     rows.append(dict(method=method, label=label, runs=ps[0]['runs'], seeds=len(ps),
                      epochs=epochs, per_seed=[p['acc'] for p in ps], **stats))
@@ -182,6 +185,11 @@ def _pm(stat, percent=True) -> str:
   mean, std = stat
   scale = 100 if percent else 1
   return f'{scale * mean:.1f} ± {scale * std:.1f}'
+
+
+def _size(row, key) -> str:
+  """Mean compact params or MACs over seeds ('–' where a run has none)."""
+  return f'{row[key][0]:,.0f}' if key in row else '–'
 
 
 def _per_seed(row) -> str:
@@ -204,20 +212,24 @@ def report(setting: Setting, rows: list[dict[str, Any]]) -> tuple[list[str], lis
   ticket = by.get(('DessiLBI ticket (rewind, retrained)', early))
   seeds = dense['SGD-momentum']['seeds']
   lines = [f'## {setting.dataset} ({setting.model}, {setting.epochs} epochs, {seeds} seeds)', '',
-           f'Test accuracy in %, mean ± standard deviation over {seeds} seeds; kept fractions in %.', '',
+           f'Test accuracy in %, mean ± standard deviation over {seeds} seeds; kept fractions in %; compact params '
+           f'and MACs (per example): the network with the dead units removed (`dessilbi compact`), mean over seeds.', '',
            '### Summary (the issue-4 report)', '']
+  sizes = lambda r: [_size(r, 'compact_params'), _size(r, 'compact_macs')]
   summary = [
       ['SGD-momentum, dense (same epochs and schedule)', _pm(dense['SGD-momentum']['acc']),
-       _per_seed(dense['SGD-momentum']), '100', '100'],
-      ['Adam, dense', _pm(dense['Adam']['acc']), _per_seed(dense['Adam']), '100', '100'],
-      ['DessiLBI, dense W', _pm(dense['DessiLBI dense W']['acc']), _per_seed(dense['DessiLBI dense W']), '100', '100'],
+       _per_seed(dense['SGD-momentum']), '100', '100', *sizes(dense['SGD-momentum'])],
+      ['Adam, dense', _pm(dense['Adam']['acc']), _per_seed(dense['Adam']), '100', '100', *sizes(dense['Adam'])],
+      ['DessiLBI, dense W', _pm(dense['DessiLBI dense W']['acc']), _per_seed(dense['DessiLBI dense W']), '100', '100',
+       '–', '–'],
       [f'DessiLBI, sparse W⊙1[Γ≠0] at the end (epoch {setting.epochs})', _pm(last['acc']), _per_seed(last),
-       _pm(last['weights_kept']), _pm(last['filters_kept'])],
+       _pm(last['weights_kept']), _pm(last['filters_kept']), *sizes(last)],
   ]
   if ticket:
     summary.append([f'DessiLBI, earliest ticket ({early}, epoch {_epochs(ticket)}) retrained', _pm(ticket['acc']),
-                    _per_seed(ticket), _pm(ticket['weights_kept']), _pm(ticket['filters_kept'])])
-  lines += _table(summary, ['model', 'test acc', 'per seed', 'weights kept', 'filters kept'])
+                    _per_seed(ticket), _pm(ticket['weights_kept']), _pm(ticket['filters_kept']), *sizes(ticket)])
+  lines += _table(summary, ['model', 'test acc', 'per seed', 'weights kept', 'filters kept', 'compact params',
+                            'compact MACs'])
   lines += ['', '### Same sparsity, every method', '',
             'Tickets: the support of Γ at the first epoch that holds part of every layer and at least the '
             'given fraction of the conv filters (the epoch differs by seed). '
@@ -234,12 +246,13 @@ def report(setting: Setting, rows: list[dict[str, Any]]) -> tuple[list[str], lis
       r = by.get((method, ticket_label(fraction)))
       if r:
         same.append([method, f'{r["label"]} (epoch {_epochs(r)}, {r["seeds"]} seeds)', _pm(r['acc']), _per_seed(r),
-                     _pm(r['weights_kept']), _pm(r['filters_kept']), str(r['runs'])])
+                     _pm(r['weights_kept']), _pm(r['filters_kept']), *sizes(r), str(r['runs'])])
   for r in rows:
     if r['method'] == 'prox. group lasso':
       same.append([r['method'], r['label'], _pm(r['acc']), _per_seed(r), _pm(r['weights_kept']),
-                   _pm(r['filters_kept']), str(r['runs'])])
-  lines += _table(same, ['method', 'point', 'test acc', 'per seed', 'weights kept', 'filters kept', 'runs'])
+                   _pm(r['filters_kept']), *sizes(r), str(r['runs'])])
+  lines += _table(same, ['method', 'point', 'test acc', 'per seed', 'weights kept', 'filters kept',
+                         'compact params', 'compact MACs', 'runs'])
 
   gap_dense = 100 * (dense['DessiLBI dense W']['acc'][0] - dense['SGD-momentum']['acc'][0])
   gmp = by.get(('GMP per filter', early))
