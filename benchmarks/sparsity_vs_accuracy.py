@@ -139,7 +139,9 @@ def run_seed(setting: Setting, seed: int, workdir: pathlib.Path) -> list[dict[st
       continue
     label = ticket_label(fraction)
     ticket_dir = workdir / f'{setting.dataset}-ticket{100 * fraction:.0f}-{seed}'
-    report = train.retrain_ticket(run_dir, epoch, init='rewind', out_dir=ticket_dir, quiet=True)
+    # The masked full-size retrain (its accuracy is the removed network's, tested), so that the ticket's rows
+    # give the per-layer sparsity of the original network that GMP is pruned to; compact columns: removed.
+    report = train.retrain_ticket(run_dir, epoch, init='rewind', out_dir=ticket_dir, quiet=True, compact=False)
     ticket_row = _last_row(ticket_dir)
     points.append(_point('DessiLBI ticket (rewind, retrained)', label, report['test_acc'],
                          ticket_row, runs=2, epoch=epoch))
