@@ -58,11 +58,16 @@ Keep = Mapping[str, Any]
 
 # -- keep-masks --------------------------------------------------------------
 
-def _check_mask(unit_map: UnitMap, name: str, mask, what: str = 'keep') -> np.ndarray:
-  group = unit_map[name] if name in unit_map.names else None
-  if group is None:
+def _named_group(unit_map: UnitMap, name: str, what: str) -> UnitGroup:
+  """The group ``name`` of the map; ValueError naming ``what`` (the argument) and the map's groups if none."""
+  if name not in unit_map.names:
     raise ValueError(f'{what} names unit group {name!r}, which this unit map does not have; its groups are: '
                      f'{", ".join(unit_map.names)}.')
+  return unit_map[name]
+
+
+def _check_mask(unit_map: UnitMap, name: str, mask, what: str = 'keep') -> np.ndarray:
+  group = _named_group(unit_map, name, what)
   array = np.asarray(mask)
   if array.shape != (group.size,):
     raise ValueError(f'{what}[{name!r}] has shape {array.shape}; group {name!r} has {group.size} units: pass '
@@ -361,10 +366,7 @@ def widen(model, variables, unit_map: UnitMap, new_units: Mapping[str, int], key
   if fan_out not in ('zero', 'fresh'):
     raise ValueError(f"widen: fan_out must be 'zero' (the function is unchanged) or 'fresh'; got {fan_out!r}.")
   for name, n in new_units.items():
-    group = unit_map[name] if name in unit_map.names else None
-    if group is None:
-      raise ValueError(f'new_units names unit group {name!r}, which this unit map does not have; its groups '
-                       f'are: {", ".join(unit_map.names)}.')
+    group = _named_group(unit_map, name, 'new_units')
     if not group.prunable:
       raise ValueError(f'Unit group {name!r} cannot gain units: {group.reason}.')
     if not isinstance(n, (int, np.integer)) or n < 0:
@@ -403,10 +405,7 @@ def gate(variables, unit_map: UnitMap, z: Mapping[str, jax.Array]):
   """
   factors: dict = {}
   for name, values in z.items():
-    group = unit_map[name] if name in unit_map.names else None
-    if group is None:
-      raise ValueError(f'z names unit group {name!r}, which this unit map does not have; its groups are: '
-                       f'{", ".join(unit_map.names)}.')
+    group = _named_group(unit_map, name, 'z')
     values = jnp.asarray(values)
     if values.shape != (group.size,):
       raise ValueError(f'z[{name!r}] has shape {values.shape}; group {name!r} has {group.size} units.')
