@@ -149,7 +149,14 @@ def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, ech
   return ext.Extension(NAME, metrics=decide, epoch_end=epoch_end)
 
 
+_MAPS: dict = {}
+
+
 def _unit_map(model, state, cfg) -> structure.UnitMap:
-  info = data.dataset_info(cfg.dataset)
-  variables = steps.variables(state.params, state.batch_stats)
-  return structure.trace(model, variables, jax.ShapeDtypeStruct((1, *info.input_shape), jnp.float32))
+  """The model's unit map, traced once per model (its variables' shapes follow from its widths)."""
+  key = (model, cfg.dataset)
+  if key not in _MAPS:
+    info = data.dataset_info(cfg.dataset)
+    variables = steps.variables(state.params, state.batch_stats)
+    _MAPS[key] = structure.trace(model, variables, jax.ShapeDtypeStruct((1, *info.input_shape), jnp.float32))
+  return _MAPS[key]
