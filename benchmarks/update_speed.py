@@ -18,14 +18,22 @@ the range over all runs, since the machine's memory traffic moves the ratio.
 Each run then also times each optimizer alone (``--repeats`` calls in a row),
 the other way to take the ratio; its median and range over the runs are shown.
 
+With ``--target-density ε`` it measures instead what steering λ to a density
+costs (``dl.dessilbi(target_density=...)``, :mod:`dessilbi_jax.target_density`):
+the plain DessiLBI update against the same update with a target, interleaved,
+for the budget cap recomputed every ``--target-every`` steps (1 and 10 by
+default) and for dual ascent; written to ``results/update_speed_target.md``.
+
 Run::
 
   python -m benchmarks.update_speed [--repeats 40] [--runs 5] [--models vgg16 resnet56]
+  python -m benchmarks.update_speed --target-density 0.3
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -35,6 +43,7 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import models
+from dessilbi_jax import target_density as targets
 from benchmarks.common import machine
 from benchmarks.common import write_result
 
@@ -63,6 +72,7 @@ class Runner:
     hlo = self.step.lower(*self.carry, grads).compile().as_text()
     entry = hlo[hlo.index('ENTRY'):]
     self.copies = entry.count(' copy(')
+    self.array_copies = len(re.findall(r'= \w+\[[^\]]+\]\S* copy\(', entry))   # of buffers, not scalars
     self.fusions = entry.count(' fusion(')   # kernels launched per step
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.carry[1]))
     self.state_bytes_per_param = state_bytes / sum(x.size for x in jax.tree.leaves(params))
@@ -120,6 +130,36 @@ def measure(model_name: str, repeats: int, compare_without_edges: bool = False) 
   return row
 
 
+def measure_target(model_name: str, repeats: int, density: float, everys) -> dict:
+  """Per-step cost of ``target_density``: each target's update over the plain DessiLBI update, interleaved."""
+  params, grads = param_tree(model_name)
+  variants = {f'budget, every {n}': targets.Target(density, every=n) for n in everys}
+  variants['dual'] = targets.Target(density, method='dual')
+  runners = {'plain': Runner(dl.dessilbi(0.1), params, grads)}
+  runners.update({name: Runner(dl.dessilbi(0.1, target_density=t), params, grads) for name, t in variants.items()})
+  for _ in range(repeats):
+    for runner in runners.values():
+      runner.timed()
+  paired = lambda name: statistics.median(a / b for a, b in zip(runners[name].times, runners['plain'].times))
+  return dict(model=model_name, plain_ms=1e3 * statistics.median(runners['plain'].times),
+              **{name: paired(name) for name in variants}, copies=max(r.array_copies for r in runners.values()))
+
+
+def target_table(rows: list[dict], runs: int) -> str:
+  names = [k for k in rows[0] if k.startswith('budget') or k == 'dual']
+  lines = ['| parameter shapes | plain DessiLBI update | ' + ' | '.join(f'{n}: time / plain' for n in names)
+           + ' | copies of arrays in any HLO |', '|---|---:|' + '---:|' * len(names) + '---:|']
+  for model in dict.fromkeys(r['model'] for r in rows):
+    mine = [r for r in rows if r['model'] == model]
+    cells = []
+    for n in names:
+      values = sorted(r[n] for r in mine)
+      cells.append(f'**{values[(len(values) - 1) // 2]:.3f}** ({values[0]:.3f}–{values[-1]:.3f})')
+    plain = statistics.median(r['plain_ms'] for r in mine)
+    lines.append(f'| {model} | {plain:.2f} ms | ' + ' | '.join(cells) + f" | {mine[0]['copies']} |")
+  return '\n'.join(lines)
+
+
 def measure_runs(model_name: str, repeats: int, runs: int, compare_without_edges: bool = False) -> dict:
   """``measure`` ``runs`` times: the run with the median ratio, plus the ratios' range."""
   rows = sorted((measure(model_name, repeats, compare_without_edges) for _ in range(runs)), key=lambda r: r['ratio'])
@@ -155,7 +195,21 @@ def main(argv=None):
   parser.add_argument('--compare-without-edges', action='store_true',
                       help='also time the update without its ordering edges (implies --no-write)')
   parser.add_argument('--no-write', action='store_true', help='print only; do not write benchmarks/results/')
+  parser.add_argument('--target-density', type=float, default=None,
+                      help='measure the per-step cost of dl.dessilbi(target_density=...) instead')
+  parser.add_argument('--target-every', type=int, nargs='+', default=[1, 10])
   args = parser.parse_args(argv)
+  if args.target_density is not None:
+    rows = [measure_target(name, args.repeats, args.target_density, args.target_every)
+            for name in args.models for _ in range(args.runs)]
+    text = (f'Per-step cost of steering λ to a target density of {args.target_density}: the jitted, donated '
+            f'update with the target over the plain DessiLBI update, {args.repeats} interleaved rounds, median of '
+            f'the per-round ratios; median and range over {args.runs} runs.\n\nMachine: {machine()}.\n\n'
+            f'{target_table(rows, args.runs)}\n')
+    print(text)
+    if not args.no_write:
+      write_result('update_speed_target', 'Update speed: the cost of a target density', text)
+    return
   rows = [measure_runs(name, args.repeats, args.runs, args.compare_without_edges) for name in args.models]
   text = (f'Jitted update + optax.apply_updates, params and state donated; {args.repeats} interleaved rounds '
           f'of one call each; times are medians, ratios the median of the per-round ratios; the run with the '

@@ -107,20 +107,22 @@ def wanted(ordering_edges: Optional[bool], leaves: Sequence[Any]) -> bool:
   return bool(ordering_edges)
 
 
-def update_in_order(leaf_update: Callable, leaves: Sequence[tuple], kinds: Sequence[Optional[str]]) -> list:
-  """``[leaf_update(*args, kind, after=after) for ...]``, large structured leaves in sequence.
+def update_in_order(leaf_update: Callable, leaves: Sequence[tuple], kinds: Sequence[Optional[str]], *,
+                    chain_on: int = 3) -> list:
+  """``[leaf_update(*args, after=after) for ...]``, large structured leaves in sequence.
 
-  ``args`` is ``(g, b, w, z, gam, scale, entry)``; a large leaf starts (reads
-  its gradient and ``Z``) once the previous large leaf has written ``Γ``, the
-  fourth of ``leaf_update``'s results.
+  ``args`` is ``(g, b, w, z, ...)``; a large leaf starts (reads its gradient
+  and ``Z``) once the previous large leaf has written its result ``chain_on``
+  (by default ``Γ``, the fourth of :func:`~dessilbi_jax.optimizer.leaf_update`'s
+  results; ``Z`` where that is ``None``).
   """
   results, previous = [], None
   for (g, b, w, z, *rest), kind in zip(leaves, kinds):
     sequential = kind is not None and jnp.size(w) >= SEQUENTIAL_MIN_SIZE
     if sequential and previous is not None:
       g, z = after(g, previous), after(z, previous)
-    result = leaf_update(g, b, w, z, *rest, kind, after=after)
+    result = leaf_update(g, b, w, z, *rest, after=after)
     if sequential:
-      previous = result[3] if result[3] is not None else result[2]
+      previous = result[chain_on] if result[chain_on] is not None else result[2]
     results.append(result)
   return results

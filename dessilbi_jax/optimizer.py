@@ -38,6 +38,7 @@ except ImportError:   # flax is only needed for its nnx Variables
 from dessilbi_jax import cpu_schedule
 from dessilbi_jax import grouping
 from dessilbi_jax import prox
+from dessilbi_jax import target_density as targets
 
 
 class DessiLBIState(NamedTuple):
@@ -55,6 +56,9 @@ class DessiLBIState(NamedTuple):
     entry_step: per group, the ``count`` after which ``Γ_g`` first became
       non-zero, ``-1`` while it never has; shaped to broadcast against the leaf
       (a conv kernel ``(H, W, I, O)`` under ``filter`` has ``(1, 1, 1, O)``).
+    threshold: with ``target_density``, per structured leaf the float32
+      scalar ``t`` of :mod:`dessilbi_jax.target_density` that the next step's
+      λ is raised by; ``None`` without a target.
   """
   count: chex.Array
   momentum: optax.Updates
@@ -62,6 +66,7 @@ class DessiLBIState(NamedTuple):
   gamma: optax.Updates
   gamma_scale: optax.Updates
   entry_step: optax.Updates
+  threshold: optax.Updates = None
 
 
 def state_spec(leaf, param_spec):
@@ -85,6 +90,8 @@ def state_spec(leaf, param_spec):
   """
   if leaf is None:
     return None
+  if jnp.ndim(leaf) == 0:   # a per-leaf scalar (the target's threshold)
+    return type(param_spec)()
   padded = tuple(param_spec) + (None,) * (jnp.ndim(leaf) - len(param_spec))
   if all(axis is None or size > 1 for axis, size in zip(padded, jnp.shape(leaf))):
     return param_spec
@@ -140,26 +147,45 @@ def leaf_update(g, b, w, z, gam, scale, entry, kind, *, hyper: _StepHyper, after
   written)`` is ``x``; :mod:`dessilbi_jax.cpu_schedule` passes one that also
   orders the writes of ``Z``, ``W`` and ``Γ`` on the CPU, without changing a bit.
   """
+  lam = None if kind is None else _lambda(hyper.lambdas[kind], b.dtype)
+  step, b, z, norms = coupled_update(g, b, w, z, gam, scale, kind, lam, hyper=hyper, after=after)
+  if kind is None:
+    return step, b, None, None, None, None
+  lam = after(lam, w + step)                              # Γ written after W
+  return (step, b, z, *structure_update(z, norms, entry, kind, lam, hyper=hyper))
+
+
+def coupled_update(g, b, w, z, gam, scale, kind, lam, *, hyper: _StepHyper, after=_unordered):
+  """The momentum, ``W`` and ``Z`` of one leaf's step; returns ``(W_{k+1} − W_k, b_k, Z_{k+1}, ‖Z_{k+1,g}‖)``.
+
+  ``lam`` is the λ that made ``Γ_k`` (``Z`` and the norms are ``None`` without structure).
+  """
   h = hyper
   param_dtype, dtype = jnp.result_type(w), b.dtype
-  w_param, g, w = w, g.astype(dtype), w.astype(dtype)
+  g, w = g.astype(dtype), w.astype(dtype)
   grad = g + h.weight_decay * w if (w.ndim >= 2 and not _is_zero(h.weight_decay)) else g
   b = h.momentum * b + grad                               # b_k = β·b_{k−1} + g_k + ω·W_k
   d = grad + h.momentum * b if h.nesterov else b          # d_k
   if kind is None:                                        # W_{k+1} = W_k − α·κ·d_k
-    return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None, None, None
-  # λ in one dtype (at least float32) for every use, so both halves of the step see one Γ_k.
-  lam = jnp.asarray(h.lambdas[kind], jnp.promote_types(dtype, jnp.float32))
+    return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None
   fixed = _is_number(h.kappa) and _is_number(h.lambdas[kind])   # not changed by inject_hyperparams
   gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed)
   z = z + h.alpha * ((w - gam_k) / h.mu)                  # Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
   norms = prox.group_norms(z, kind, h.normalize)
   step = after(-h.alpha * h.kappa * (d + (w - gam) / h.mu), norms)   # W_{k+1} − W_k, W written after Z
-  step = step.astype(param_dtype)                         # what optax.apply_updates adds to the params
-  lam = after(lam, w_param + step)                        # Γ written after W
-  gam, scale = prox.shrink_groups(z, kind, norms, lam, h.kappa)      # Γ_{k+1} = κ·prox_λ(Z_{k+1})
-  entry = jnp.where((entry < 0) & (norms > lam), h.count, entry)
-  return step, b, z, gam, (None if kind == 'lasso' else scale), entry
+  return step.astype(param_dtype), b, z, norms            # the step: what optax.apply_updates adds
+
+
+def structure_update(z, norms, entry, kind, lam, *, hyper: _StepHyper):
+  """``Γ_{k+1} = κ·prox_λ(Z_{k+1})`` of one leaf; returns ``(Γ_{k+1}, s, entry)`` (``s`` ``None`` on lasso)."""
+  gam, scale = prox.shrink_groups(z, kind, norms, lam, hyper.kappa)
+  entry = jnp.where((entry < 0) & (norms > lam), hyper.count, entry)
+  return gam, (None if kind == 'lasso' else scale), entry
+
+
+def _lambda(lam, dtype):
+  """λ in one dtype (at least float32) for every use, so both halves of the step see one ``Γ_k``."""
+  return jnp.asarray(lam, jnp.promote_types(dtype, jnp.float32))
 
 
 def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool):
@@ -231,6 +257,7 @@ def dessilbi(
     normalize_groups: bool = False,
     state_dtype: Optional[Any] = None,
     ordering_edges: Optional[bool] = None,
+    target_density: Union[None, float, targets.Target] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DessiLBI: SGD coupled with a sparse structure variable on an inverse scale space.
 
@@ -262,6 +289,12 @@ def dessilbi(
       default backend is the CPU (checked when the update is traced), unless
       params are sharded in their types;
       ``True``/``False`` force it. The numbers are the same to the bit either way.
+    target_density: steer λ so that Γ's support ends on this density of the
+      structured weights: a number ε in (0, 1] (model-wise, in weights, budget
+      cap) or a :class:`dessilbi_jax.target_density.Target` (per layer, in
+      groups, dual ascent, every n steps). The support grows as DessiLBI's
+      until it holds ε of the weights; then λ rises so that it never holds
+      more (see :mod:`dessilbi_jax.target_density`). ``None``: λ as given.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -305,6 +338,7 @@ def dessilbi(
       raise ValueError(f'`state_dtype` must be a floating-point dtype, got {state_dtype!r}.')
   if not isinstance(nesterov, (bool, np.bool_)):
     raise ValueError(f'`nesterov` must be True or False, got {nesterov!r}.')
+  target = targets.as_target(target_density)
 
   def init_fn(params):
     params = _as_arrays(params)
@@ -319,6 +353,7 @@ def dessilbi(
         gamma=per_leaf(lambda w, k: jnp.zeros_like(w, dtype_of(w))),
         gamma_scale=per_leaf(lambda w, k: None if k == 'lasso' else _per_group_full(w, k, 0, dtype_of(w))),
         entry_step=per_leaf(lambda w, k: _per_group_full(w, k, -1, jnp.int32)),
+        threshold=None if target is None else per_leaf(lambda w, k: jnp.zeros([], jnp.float32)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -332,16 +367,54 @@ def dessilbi(
         kappa=kappa, mu=mu, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
         lambdas=lambda_of, normalize=normalize_groups, count=optax.safe_increment(state.count))
     treedef = jax.tree.structure(params)
+    kinds = treedef.flatten_up_to(kinds)
     leaves = list(zip(*[treedef.flatten_up_to(t) for t in (
         updates, state.momentum, params, state.z, state.gamma, state.gamma_scale, state.entry_step)]))
-    kinds = treedef.flatten_up_to(kinds)
+    ordered = cpu_schedule.wanted(ordering_edges, jax.tree.leaves(params))
+    if target is not None:
+      return _targeted_update(leaves, kinds, treedef, state, hyper, ordered)
     step = functools.partial(leaf_update, hyper=hyper)
-    if cpu_schedule.wanted(ordering_edges, jax.tree.leaves(params)):
+    leaves = [args + (kind,) for args, kind in zip(leaves, kinds)]
+    if ordered:
       results = cpu_schedule.update_in_order(step, leaves, kinds)
     else:
-      results = [step(*args, kind) for args, kind in zip(leaves, kinds)]
+      results = [step(*args) for args in leaves]
     fields = list(zip(*results)) or [()] * 6   # no params: empty trees
     step, b, z, gam, scale, entry = (treedef.unflatten(list(f)) for f in fields)
     return step, DessiLBIState(count=hyper.count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry)
+
+  def _targeted_update(leaves, kinds, treedef, state, hyper, ordered):
+    """The step with λ steered to the target: W and Z of every leaf, then λ from all norms, then Γ."""
+    thresholds = treedef.flatten_up_to(state.threshold)
+    dtypes = [jnp.result_type(b) for _, b, *_ in leaves]
+    lam_of = lambda kind, t, dtype: _lambda(targets.effective_lambda(lambda_of[kind], t, target.method), dtype)
+    coupled_leaves = [(g, b, w, z, gam, scale, kind, None if kind is None else lam_of(kind, t, b.dtype))
+                      for (g, b, w, z, gam, scale, _), kind, t in zip(leaves, kinds, thresholds)]
+    coupled = functools.partial(coupled_update, hyper=hyper)
+    if ordered:
+      results = cpu_schedule.update_in_order(coupled, coupled_leaves, kinds, chain_on=2)
+    else:
+      results = [coupled(*args) for args in coupled_leaves]
+    structured = [i for i, k in enumerate(kinds) if k is not None]
+    fresh = targets.next_thresholds(
+        target, [results[i][3] for i in structured],
+        [grouping.group_size(kinds[i], jnp.shape(leaves[i][2])) for i in structured],
+        [lambda_of[kinds[i]] for i in structured], [thresholds[i] for i in structured], hyper.count)
+    new_thresholds = [None] * len(kinds)
+    for i, t in zip(structured, fresh):
+      new_thresholds[i] = t
+    after = cpu_schedule.after if ordered else _unordered
+    out = []
+    for (step, b, z, norms), (_, _, w, _, _, _, entry), kind, t, dtype in zip(
+        results, leaves, kinds, new_thresholds, dtypes):
+      if kind is None:
+        out.append((step, b, None, None, None, None))
+        continue
+      lam = after(lam_of(kind, t, dtype), w + step)         # Γ written after W
+      out.append((step, b, z, *structure_update(z, norms, entry, kind, lam, hyper=hyper)))
+    fields = list(zip(*out)) or [()] * 6
+    step, b, z, gam, scale, entry = (treedef.unflatten(list(f)) for f in fields)
+    return step, DessiLBIState(count=hyper.count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry,
+                               threshold=treedef.unflatten(new_thresholds))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,18 +1,25 @@
 r"""Steering λ so that Γ's support lands on a chosen density (CONTROLLED_SPARSITY.md).
 
 DessiLBI's support is a deterministic function of Z and λ: group g is in it
-when ``‖Z_g‖ > λ``. Two ways to steer λ towards a target density ε:
+when ``‖Z_g‖ > λ``. ``dl.dessilbi(..., target_density=ε)`` steers the λ of
+each structured leaf towards a support of density ε (of the structured
+weights, or of their groups), in one of two ways:
 
-* **budget cap**: the support grows along the inverse scale space as usual
-  until it holds the budget ``B = ε·N`` (N weights, or groups), after which a
-  group enters only by beating the weakest member:
+* **budget cap** (``method='budget'``, the default): the support grows along
+  the inverse scale space as usual until it holds the budget ``B = ε·N``
+  (N weights, or groups); from then on a group enters only by beating the
+  weakest member::
 
-      λ_eff = max(λ, t_B),   t_B = the norm of the first group (by norm, descending)
-                                   that would take the support past B
+      λ_eff = max(λ, t_B),   t_B = the least t with Σ_{g: ‖Z_g‖ > t} |g| ≤ B
 
-  so that ``Σ_{g: ‖Z_g‖ > λ_eff} |g| ≤ B`` at every step, with no dual learning rate.
-* **dual ascent**: ``λ ← max(λ_min, λ + η·(density − ε))``, density measured on
-  the current support.
+  no dual learning rate; the path is DessiLBI's until the budget binds.
+* **dual ascent** (``method='dual'``): ``λ_eff = λ + t`` with
+  ``t ← max(0, t + η·(density − ε))``, the density of the support just formed.
+
+``t`` is found on the norms of ``Z_{k+1}`` and applies from the next step on
+(Γ lags the budget by one step); ``every`` recomputes it only every that many
+steps (the search is 31 counting passes over the norms: on a million
+single-weight groups that is not free).
 
 Example::
 
@@ -27,38 +34,146 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+SCOPES = ('model', 'layer')
+COUNTS = ('weights', 'groups')
+METHODS = ('budget', 'dual')
+
+
+class Target(NamedTuple):
+  """Where DessiLBI's support should end.
+
+  Attributes:
+    density: ε in (0, 1], the fraction of the structured weights (or groups) kept.
+    scope: ``'model'`` (one budget over every structured leaf) or ``'layer'``
+      (ε of each leaf).
+    count: ``'weights'`` (a filter counts its kernel entries) or ``'groups'``.
+    method: ``'budget'`` (a cap on the support) or ``'dual'`` (dual ascent on λ).
+    rate: η of ``'dual'``: how fast λ moves per step and unit of density gap.
+    every: recompute the threshold every that many steps.
+  """
+  density: Any
+  scope: str = 'model'
+  count: str = 'weights'
+  method: str = 'budget'
+  rate: float = 0.01
+  every: int = 1
+
+
+def as_target(target: Union[None, float, Target]):
+  """``target`` as a checked :class:`Target` (a number: ``Target(density=number)``); ``None`` stays ``None``."""
+  if target is None:
+    return None
+  if not isinstance(target, Target):
+    target = Target(density=target)
+  try:
+    density = float(target.density)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    density = None   # injected by optax.inject_hyperparams: checked by the caller's range, not here
+  if density is not None and not (0 < density <= 1):
+    raise ValueError(f'`target_density` must be in (0, 1], got {target.density}: the fraction of the '
+                     'structured weights that stay in the support (0.3 keeps 30 %).')
+  for name, value, allowed in (('scope', target.scope, SCOPES), ('count', target.count, COUNTS),
+                               ('method', target.method, METHODS)):
+    if value not in allowed:
+      raise ValueError(f'Target {name} {value!r} is not one of {allowed}.')
+  if not (isinstance(target.every, (int, np.integer)) and target.every >= 1):
+    raise ValueError(f'Target every must be an integer >= 1, got {target.every!r}.')
+  if not float(target.rate) > 0:
+    raise ValueError(f'Target rate must be > 0, got {target.rate!r}.')
+  return target
+
+
+def effective_lambda(lam, t, method: str):
+  """λ of the proximal map under the target: ``max(λ, t)`` (budget) or ``λ + t`` (dual)."""
+  return jnp.maximum(lam, t) if method == 'budget' else lam + t
+
+
+def _count_above(norms, sizes, x):
+  return sum(jnp.sum((n > x).astype(jnp.float32)) * s for n, s in zip(norms, sizes))
 
 
 def budget_threshold(norms: Sequence[jax.Array], group_sizes: Sequence[int], budget) -> jax.Array:
   """The least threshold ``t`` whose support ``{g: ‖Z_g‖ > t}`` holds at most ``budget`` weights.
 
   Args:
-    norms: per leaf, the (possibly normalized) norms of its groups, any shape.
+    norms: per leaf, the (possibly normalized) norms of its groups, any shape, ``≥ 0``.
     group_sizes: per leaf, the number of weights in one of its groups
       (1 everywhere to count groups instead of weights).
     budget: the most weights (or groups) the support may hold.
 
   Returns:
-    ``t``: the norm of the first group, in descending order of norm, at which
-    the cumulative size exceeds ``budget`` (0 when everything fits). Groups
-    tied with that norm stay out too, so the budget is never exceeded.
+    ``t``, float32: 0 when everything fits, else the norm of the group at the
+    budget's rank (groups tied with it stay out too, so the budget is never
+    exceeded; ``inf`` when even the infinite norms exceed it). NaN norms are
+    never counted. Found exactly by bisection on the bit patterns of
+    non-negative float32 numbers (which sort like the numbers): 31 counting
+    passes over the norms, no sort.
   """
   if len(norms) != len(group_sizes):
     raise ValueError(f'budget_threshold: {len(norms)} leaves of norms but {len(group_sizes)} group sizes.')
   if not norms:
     return jnp.zeros([], jnp.float32)
-  flat = jnp.concatenate([jnp.ravel(n).astype(jnp.float32) for n in norms])
-  sizes = jnp.concatenate([jnp.full(jnp.size(n), s, jnp.float32) for n, s in zip(norms, group_sizes)])
-  order = jnp.argsort(-flat, stable=True)
-  sorted_norms, cumulative = flat[order], jnp.cumsum(sizes[order])
-  over = cumulative > budget
-  first_over = jnp.argmax(over)
-  return jnp.where(jnp.any(over), sorted_norms[first_over], 0.0)
+  norms = [jnp.asarray(n, jnp.float32) for n in norms]
+  as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)
+  fits = lambda bits: _count_above(norms, group_sizes, as_float(bits)) <= budget
+
+  def halve(_, bounds):   # invariant: fits(hi); lo < 0 or not fits(lo)
+    lo, hi = bounds
+    mid = lo + (hi - lo + 1) // 2   # in (lo, hi]: never the "below +0" sentinel
+    ok = fits(mid)
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  bounds = (jnp.int32(-1), jnp.int32(0x7F800000))   # (below +0, +inf)
+  _, hi = jax.lax.fori_loop(0, 31, halve, bounds)
+  return as_float(hi)
 
 
 def dual_ascent(lam, density, target, rate, lam_min=0.0):
   """One step of ``λ ← max(λ_min, λ + η·(density − ε))``."""
   return jnp.maximum(lam_min, lam + rate * (density - target))
+
+
+def next_thresholds(target: Target, norms: Sequence[jax.Array], group_sizes: Sequence[int],
+                    lams: Sequence[Any], thresholds: Sequence[jax.Array], count) -> list[jax.Array]:
+  """Each structured leaf's ``t`` for the next step, from the norms of ``Z_{k+1}``.
+
+  Args:
+    target: the :class:`Target`.
+    norms: per structured leaf, the norms of ``Z_{k+1}``'s groups.
+    group_sizes: per leaf, the weights in one group (the count is ``target.count``'s).
+    lams: per leaf, λ of its kind.
+    thresholds: per leaf, the ``t`` this step applied.
+    count: the step count ``k + 1``; ``t`` is recomputed when it is a multiple of ``target.every``.
+  """
+  sizes = [1 if target.count == 'groups' else s for s in group_sizes]
+  totals = [float(jnp.size(n) * s) for n, s in zip(norms, sizes)]
+  eps = jnp.asarray(target.density, jnp.float32)
+
+  def budget(norms):
+    if target.scope == 'model':
+      t = budget_threshold(norms, sizes, eps * sum(totals))
+      return [t] * len(norms)
+    return [budget_threshold([n], [s], eps * total) for n, s, total in zip(norms, sizes, totals)]
+
+  def dual(norms):
+    kept = [_count_above([n], [s], effective_lambda(lam, t, 'dual'))
+            for n, s, lam, t in zip(norms, sizes, lams, thresholds)]
+    if target.scope == 'model':
+      density = sum(kept) / sum(totals)
+      return [jnp.maximum(0.0, t + target.rate * (density - eps)) for t in thresholds]
+    return [jnp.maximum(0.0, t + target.rate * (k / total - eps)) for t, k, total in zip(thresholds, kept, totals)]
+
+  if not norms:
+    return []
+  search = budget if target.method == 'budget' else dual
+  fresh = lambda operands: [t.astype(jnp.float32) for t in search(operands[0])]
+  if target.every == 1:
+    return fresh((norms, thresholds))
+  return jax.lax.cond(count % target.every == 0, fresh, lambda operands: list(operands[1]),
+                      (list(norms), [jnp.asarray(t, jnp.float32) for t in thresholds]))

@@ -75,9 +75,9 @@ def dessilbi_init(params, kinds):
 
 
 def dessilbi_step(state, grads, *, kinds, alpha, kappa, mu, momentum, nesterov, weight_decay, lambdas,
-                  normalize, param_dtype=None, state_dtype=None):
+                  normalize, param_dtype=None, state_dtype=None, lambda_of_path=None):
   """One step k -> k+1 of ALGORITHM.md; ``alpha`` a number or a function of k, ``lambdas`` a number
-  or a mapping {kind: λ}. ``param_dtype`` / ``state_dtype`` round W / (b, Z, Γ) to a low precision
+  or a mapping {kind: λ} (``lambda_of_path``: {leaf path: λ} instead, for a target density). ``param_dtype`` / ``state_dtype`` round W / (b, Z, Γ) to a low precision
   after the step, as a library that stores them so does (``None``: float64 throughout)."""
   k = state['count']
   alpha = alpha(k) if callable(alpha) else alpha
@@ -97,11 +97,23 @@ def dessilbi_step(state, grads, *, kinds, alpha, kappa, mu, momentum, nesterov, 
     new['w'][path] = _rounded(w - alpha * kappa * (d + (w - gam) / mu), param_dtype)
     new['z'][path] = _rounded(state['z'][path] + alpha / mu * (w - gam), state_dtype)
     lam = lambdas[kind] if isinstance(lambdas, dict) else lambdas
+    if lambda_of_path is not None:
+      lam = lambda_of_path[path]
     new['gamma'][path] = _rounded(kappa * prox(new['z'][path], kind, lam, normalize), state_dtype)
     entry = state['entry'][path].copy()
     entry[(entry < 0) & nonzero_groups(new['gamma'][path], kind)] = k + 1
     new['entry'][path] = entry
   return new
+
+
+def budget_threshold(norms, sizes, budget):
+  """The least t among {0} ∪ norms with Σ_{‖g‖ > t} |g| ≤ budget (brute force over the candidates)."""
+  flat = np.concatenate([np.ravel(n) for n in norms]) if norms else np.zeros(0)
+  size = np.concatenate([np.full(np.size(n), s, float) for n, s in zip(norms, sizes)]) if norms else np.zeros(0)
+  for t in sorted({0.0, *flat.tolist()}):
+    if size[flat > t].sum() <= budget:
+      return t
+  raise AssertionError('unreachable: t = the largest norm keeps nothing')
 
 
 def cubic_sparsity(t, s_f, t0, t1, freq, s_i=0.0):

@@ -43,3 +43,147 @@ def test_dual_ascent_step():
   density = np.array([0.4, 0.1, 0.3])
   out = np.asarray(target_density.dual_ascent(lam, density, 0.3, rate=0.2, lam_min=0.05))
   np.testing.assert_allclose(out, np.maximum(0.05, lam + 0.2 * (density - 0.3)), rtol=1e-6)
+
+
+# -- dl.dessilbi(target_density=...) -------------------------------------------------------------
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dessilbi_jax as dl
+from dessilbi_jax import grouping
+from tests import reference
+
+KINDS = {'conv': 'filter', 'dense': 'lasso', 'bias': None}
+LAM, ALPHA, MU = 0.5, 0.05, 10.0
+
+
+def _problem(seed=0):
+  """A quadratic pull of a conv kernel, a dense kernel and a bias towards random targets."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  params = {'conv': 0.1 * jax.random.normal(keys[0], (3, 3, 2, 12)),
+            'dense': 0.1 * jax.random.normal(keys[1], (16, 6)), 'bias': jnp.zeros(6)}
+  goal = {'conv': jax.random.normal(keys[2], (3, 3, 2, 12)), 'dense': jax.random.normal(keys[3], (16, 6)),
+          'bias': jnp.ones(6)}
+  grad = jax.grad(lambda p: sum(jnp.sum((p[k] - goal[k]) ** 2) for k in p))
+  return params, grad
+
+
+def _run(target, steps, seed=0, **kw):
+  params, grad = _problem(seed)
+  tx = dl.dessilbi(ALPHA, mu=MU, lambdas=LAM, groups=lambda path, w: KINDS[path], target_density=target, **kw)
+  state, update, history = tx.init(params), jax.jit(tx.update), []
+  for _ in range(steps):
+    updates, state = update(grad(params), state, params)
+    params = optax.apply_updates(params, updates)
+    history.append((params, state))
+  return history, grad
+
+
+def _density(state, params, count='weights'):
+  kept = total = 0
+  for path in ('conv', 'dense'):
+    flags = np.asarray(reference.nonzero_groups(np.asarray(state.gamma[path]), KINDS[path]))
+    size = 1 if count == 'groups' else grouping.group_size(KINDS[path], params[path].shape)
+    kept, total = kept + flags.sum() * size, total + flags.size * size
+  return kept / total
+
+
+def test_target_path_is_dessilbis_until_the_budget_binds():
+  plain, _ = _run(None, 150)
+  capped, _ = _run(0.3, 150)
+  binds = next(k for k, (p, s) in enumerate(plain) if _density(s, p) > 0.3)
+  assert 5 < binds < 140, binds   # the test needs a budget that binds mid-run
+  for k in range(binds):          # bit for bit until the plain run's support passes the budget
+    for a, b in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(capped[k][:2])):
+      np.testing.assert_array_equal(a, b)
+  assert _density(plain[-1][1], plain[-1][0]) > 0.5 and _density(capped[-1][1], capped[-1][0]) <= 0.3 + 0.02
+
+
+@pytest.mark.parametrize('scope,count', [('model', 'weights'), ('layer', 'weights'), ('model', 'groups')])
+def test_budget_threshold_in_the_state_against_numpy(scope, count):
+  """Each step's threshold is the brute-force least t whose support of Z_{k+1} fits the budget, and
+  Γ_{k+1} is κ·prox at max(λ, t), both against NumPy: the support never holds more than the budget."""
+  target = target_density.Target(0.25, scope=scope, count=count)
+  history, _ = _run(target, 120)
+  for k, (params, state) in enumerate(history):
+    norms = {p: reference.group_norms(np.asarray(state.z[p]), KINDS[p]) for p in ('conv', 'dense')}
+    sizes = {p: 1 if count == 'groups' else grouping.group_size(KINDS[p], params[p].shape) for p in norms}
+    budget = lambda ps: 0.25 * sum(norms[p].size * sizes[p] for p in ps)
+    for p in norms:
+      leaves = list(norms) if scope == 'model' else [p]
+      expected = reference.budget_threshold([norms[q] for q in leaves], [sizes[q] for q in leaves], budget(leaves))
+      assert float(state.threshold[p]) == pytest.approx(expected, rel=1e-5), (k, p)
+      lam = max(LAM, float(state.threshold[p]))
+      np.testing.assert_allclose(state.gamma[p], reference.prox(state.z[p], KINDS[p], lam), rtol=1e-5, atol=1e-6)
+    if scope == 'model':
+      assert _density(state, params, count) <= 0.25
+  # 0.25 of 312 weights (12 filters of 18, 96 single weights) is 78: the filters' granularity leaves it below.
+  assert 0.25 - 18 / 312 <= _density(state, params, count) <= 0.25 + (18 / 312 if scope == 'layer' else 0)
+
+
+def test_dual_ascent_threshold_against_its_formula():
+  rate = 0.5
+  history, _ = _run(target_density.Target(0.3, method='dual', rate=rate), 150)
+  for (_, before), (params, state) in zip(history, history[1:]):
+    t, t_new = float(before.threshold['conv']), float(state.threshold['conv'])
+    np.testing.assert_allclose(state.gamma['conv'], reference.prox(state.z['conv'], 'filter', LAM + t_new),
+                               rtol=1e-5, atol=1e-6)
+    # The density the step measures: the support of Z_{k+1} at the λ of the last step.
+    kept = sum((reference.group_norms(np.asarray(state.z[p]), KINDS[p]) > LAM + t).sum()
+               * grouping.group_size(KINDS[p], params[p].shape) for p in ('conv', 'dense'))
+    assert t_new == pytest.approx(max(0.0, t + rate * (kept / 312 - 0.3)), abs=1e-6)
+    assert float(state.threshold['conv']) == float(state.threshold['dense'])   # model-wise: one λ offset
+  assert max(float(s.threshold['conv']) for _, s in history) > 0
+
+
+def test_threshold_recomputed_every_n_steps():
+  history, _ = _run(target_density.Target(0.3, every=4), 40)
+  values = [float(s.threshold['conv']) for _, s in history]
+  for k, (value, previous) in enumerate(zip(values[1:], values), start=2):
+    if k % 4:
+      assert value == previous, k
+  assert len(set(values)) > 3
+
+
+def test_target_density_under_inject_hyperparams_can_change_mid_run():
+  params, grad = _problem()
+  tx = optax.inject_hyperparams(dl.dessilbi, static_args=('groups',))(
+      learning_rate=ALPHA, mu=MU, lambdas=LAM, groups=lambda path, w: KINDS[path], target_density=0.4)
+  state, update = tx.init(params), jax.jit(tx.update)
+  densities = []
+  for k in range(240):
+    if k == 120:
+      state.hyperparams['target_density'] = jnp.asarray(0.2)
+    updates, state = update(grad(params), state, params)
+    params = optax.apply_updates(params, updates)
+    densities.append(_density(state.inner_state, params))
+  filter_share = 18 / 312   # the budget fills in order of norm: it stops short by less than the group that does not fit
+  assert 0.4 - filter_share <= densities[119] <= 0.4 and 0.2 - filter_share <= densities[-1] <= 0.2
+
+
+@pytest.mark.parametrize('bad,message', [
+    (0.0, r'in \(0, 1\]'), (1.5, r'in \(0, 1\]'), (float('nan'), r'in \(0, 1\]'),
+    (target_density.Target(0.3, scope='net'), 'scope'), (target_density.Target(0.3, count='filters'), 'count'),
+    (target_density.Target(0.3, method='sort'), 'method'), (target_density.Target(0.3, every=0), 'every'),
+    (target_density.Target(0.3, method='dual', rate=-1.0), 'rate')])
+def test_bad_targets_are_refused(bad, message):
+  with pytest.raises(ValueError, match=message):
+    dl.dessilbi(0.1, target_density=bad)
+
+
+def test_target_without_structured_leaves_and_with_non_finite_norms():
+  tx = dl.dessilbi(0.1, target_density=0.3)
+  state = tx.init({})
+  assert tx.update({}, state, {})[1].threshold == {}
+  w = jnp.arange(1.0, 13.0).reshape(4, 3).at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+  tx = dl.dessilbi(0.1, mu=1.0, lambdas=0.0, target_density=0.5)
+  state = tx.init({'dense': w})
+  _, state = tx.update({'dense': jnp.zeros((4, 3))}, state, {'dense': w})   # Z_1 = 0.1·W: NaN, +inf
+  # A NaN norm never counts, the +inf one does: 6 weights of the budget, the inf one and the 5 largest.
+  assert float(state.threshold['dense']) == pytest.approx(0.1 * 7.0, rel=1e-6)
+  finite = np.isfinite(np.asarray(w))
+  kept = (np.asarray(state.gamma['dense']) != 0) & ~np.isnan(np.asarray(state.gamma['dense']))
+  assert kept.sum() == 6 and kept[1, 1] and np.isnan(np.asarray(state.gamma['dense'])[0, 0])
+  assert set(np.asarray(w)[kept & finite].tolist()) == {8.0, 9.0, 10.0, 11.0, 12.0}

@@ -17,6 +17,7 @@ import pytest
 
 import dessilbi_jax as dl
 from dessilbi_jax import cpu_schedule
+from dessilbi_jax import target_density
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != 'cpu',
@@ -120,3 +121,17 @@ def test_ordering_edge_leaves_every_value_as_it_is(dtype):
     assert out.dtype == x.dtype
     np.testing.assert_array_equal(out, x)
     assert np.array_equal(np.signbit(out), np.signbit(x))   # −0 stays −0
+
+
+@pytest.mark.parametrize('target', [target_density.Target(0.3), target_density.Target(0.3, method='dual'),
+                                    target_density.Target(0.3, scope='layer', every=10)])
+@pytest.mark.parametrize('sequential_min_size', [cpu_schedule.SEQUENTIAL_MIN_SIZE, 1])
+def test_target_density_update_copies_no_buffer_and_adds_no_pass_over_grouped_leaves(
+    target, sequential_min_size, monkeypatch):
+  """The threshold search reads the per-group norms, not the leaves: a filter leaf keeps its 13 passes
+  and no buffer is copied (the scalar thresholds may be)."""
+  monkeypatch.setattr(cpu_schedule, 'SEQUENTIAL_MIN_SIZE', sequential_min_size)
+  hlo = _compiled_step(dl.dessilbi(0.1, target_density=target), _params())
+  entry = hlo[hlo.index('ENTRY'):]
+  assert re.findall(r'= \w+\[[^\]]+\]\S* copy\(', entry) == []
+  assert _full_passes(hlo, '3,3,16,32') == 13
