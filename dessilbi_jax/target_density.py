@@ -14,7 +14,11 @@ weights, or of their groups), in one of two ways:
 
   no dual learning rate; the path is DessiLBI's until the budget binds.
 * **dual ascent** (``method='dual'``): ``λ_eff = λ + t`` with
-  ``t ← max(0, t + η·(density − ε))``, the density of the support just formed.
+  ``t ← max(λ_min − λ, t + η·(density − ε))``, the density of the support at
+  the last step's λ. With ``λ_min = λ`` (the default) λ only rises, so the path
+  is DessiLBI's until the support passes ε; with ``λ_min = 0`` it also falls,
+  so that the support reaches a density that DessiLBI's own λ would not reach
+  in the steps given (the path then grows faster than DessiLBI's).
 
 ``t`` is found on the norms of ``Z_{k+1}`` and applies from the next step on
 (Γ lags the budget by one step); ``every`` recomputes it only every that many
@@ -56,6 +60,7 @@ class Target(NamedTuple):
     method: ``'budget'`` (a cap on the support) or ``'dual'`` (dual ascent on λ).
     rate: η of ``'dual'``: how fast λ moves per step and unit of density gap.
     every: recompute the threshold every that many steps.
+    lam_min: ``'dual'``'s floor of λ (``None``: λ itself, so λ only rises).
   """
   density: Any
   scope: str = 'model'
@@ -63,6 +68,7 @@ class Target(NamedTuple):
   method: str = 'budget'
   rate: float = 0.01
   every: int = 1
+  lam_min: Any = None
 
 
 def as_target(target: Union[None, float, Target]):
@@ -86,6 +92,10 @@ def as_target(target: Union[None, float, Target]):
     raise ValueError(f'Target every must be an integer >= 1, got {target.every!r}.')
   if not float(target.rate) > 0:
     raise ValueError(f'Target rate must be > 0, got {target.rate!r}.')
+  if target.lam_min is not None and not float(target.lam_min) >= 0:
+    raise ValueError(f'Target lam_min must be >= 0 (or None: λ only rises), got {target.lam_min!r}.')
+  if target.lam_min is not None and target.method != 'dual':
+    raise ValueError("Target lam_min applies to method='dual' only: the budget cap only ever raises λ.")
   return target
 
 
@@ -164,10 +174,12 @@ def next_thresholds(target: Target, norms: Sequence[jax.Array], group_sizes: Seq
   def dual(norms):
     kept = [_count_above([n], [s], effective_lambda(lam, t, 'dual'))
             for n, s, lam, t in zip(norms, sizes, lams, thresholds)]
+    floors = [0.0 if target.lam_min is None else target.lam_min - lam for lam in lams]   # λ + t ≥ λ_min
     if target.scope == 'model':
-      density = sum(kept) / sum(totals)
-      return [jnp.maximum(0.0, t + target.rate * (density - eps)) for t in thresholds]
-    return [jnp.maximum(0.0, t + target.rate * (k / total - eps)) for t, k, total in zip(thresholds, kept, totals)]
+      gaps = [sum(kept) / sum(totals) - eps] * len(kept)
+    else:
+      gaps = [k / total - eps for k, total in zip(kept, totals)]
+    return [jnp.maximum(floor, t + target.rate * gap) for t, floor, gap in zip(thresholds, floors, gaps)]
 
   if not norms:
     return []

@@ -187,3 +187,18 @@ def test_target_without_structured_leaves_and_with_non_finite_norms():
   kept = (np.asarray(state.gamma['dense']) != 0) & ~np.isnan(np.asarray(state.gamma['dense']))
   assert kept.sum() == 6 and kept[1, 1] and np.isnan(np.asarray(state.gamma['dense'])[0, 0])
   assert set(np.asarray(w)[kept & finite].tolist()) == {8.0, 9.0, 10.0, 11.0, 12.0}
+
+
+def test_dual_ascent_with_a_lower_floor_reaches_a_density_dessilbi_would_not():
+  """λ_min = 0 lets λ fall below the given λ: after 15 steps the plain run's support is still empty,
+  the steered one holds 40 % and more of the weights, and λ + t never goes below 0."""
+  plain, _ = _run(None, 15)
+  assert _density(plain[-1][1], plain[-1][0]) == 0
+  history, _ = _run(target_density.Target(0.5, method='dual', rate=0.05, lam_min=0.0), 15)
+  offsets = [float(s.threshold['conv']) for _, s in history]
+  assert min(offsets) >= -LAM - 1e-7 and min(offsets) < -0.1
+  assert _density(history[14][1], history[14][0]) >= 0.4
+  with pytest.raises(ValueError, match="lam_min applies to method='dual'"):
+    dl.dessilbi(0.1, target_density=target_density.Target(0.3, lam_min=0.0))
+  with pytest.raises(ValueError, match='lam_min must be >= 0'):
+    dl.dessilbi(0.1, target_density=target_density.Target(0.3, method='dual', lam_min=-1.0))
