@@ -230,3 +230,13 @@ def test_a_runs_model_record_rebuilds_its_model(resnet_ticket):
   assert steps.recorded_config(start, {'epoch': 3, 'widths': None}) == start
   with pytest.raises(train.ConfigError, match='layer_widths'):
     train.check_values(dataclasses.replace(start, layer_widths=(('depth', 3),)))
+  # An extension's new state (growth) names the model it belongs to the same way, and the loop rebuilds it.
+  from dessilbi_jax.train import loop
+  shapes = jax.eval_shape(small.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  tx = train.make_optimizer(start, 10)
+  state = train.TrainState(jnp.zeros([], jnp.int32), shapes['params'], shapes['batch_stats'],
+                           jax.eval_shape(tx.init, shapes['params']), jax.random.PRNGKey(0))
+  arch, _ = loop._check_reshaped(train.Reshaped(state=state, **train.model_fields(small)), start, tx, ())
+  assert train.build_model(arch)[0] == small
+  with pytest.raises(ValueError, match='does not match the model'):   # widths alone: another model
+    loop._check_reshaped(train.Reshaped(small.widths, state), start, tx, ())
