@@ -56,6 +56,7 @@ A batch-norm model in train mode returns its updated statistics too::
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
@@ -553,15 +554,56 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int],
   if widths is not None:
     # The model checks them (a list is fine; Flax attributes should be hashable).
     kwargs['widths'] = tuple(widths) if isinstance(widths, list) else widths
-  accepted = {'block_widths', 'shortcut_offsets'} if key.startswith('resnet') else set()
-  if key in ('resnet18', 'resnet50'):
-    accepted = {'block_widths', 'stem_width', 'stream_widths'}
+  accepted = _layer_widths_of(key)
   unknown = sorted(set(layer_widths) - accepted)
   if unknown:
     raise ValueError(f'{key} takes no {", ".join(unknown)}; its per-layer widths are: '
                      f'{", ".join(sorted(accepted)) or "none (only widths)"}.')
   kwargs.update({k: _hashable(v) for k, v in layer_widths.items()})
   return entry.build(**kwargs)
+
+
+# The per-layer widths (beside ``widths``) of a pruned or grown network, per model family.
+LAYER_WIDTHS = ('block_widths', 'shortcut_offsets', 'stem_width', 'stream_widths')
+
+
+def _layer_widths_of(key: str) -> set[str]:
+  if key in ('resnet18', 'resnet50'):
+    return {'block_widths', 'stem_width', 'stream_widths'}
+  return {'block_widths', 'shortcut_offsets'} if key.startswith('resnet') else set()
+
+
+def model_name(model: nn.Module) -> str:
+  """The zoo name (:func:`get_model`) of a zoo module, e.g. ``'resnet56'``; ValueError for another module."""
+  for name, entry in _REGISTRY.items():
+    reference = entry.build()
+    if type(reference) is type(model) and all(
+        getattr(reference, f) == getattr(model, f) for f in ('stage_sizes', 'block') if hasattr(model, f)):
+      return name
+  raise ValueError(f'{type(model).__name__} is not a model of the zoo ({", ".join(_REGISTRY)}).')
+
+
+def model_kwargs(model: nn.Module) -> dict[str, Any]:
+  """The keyword arguments of :func:`get_model` that rebuild a zoo module's layers, as JSON values.
+
+  A model is its name (:func:`model_name`) and these: ``widths`` and the
+  per-layer widths it sets (:data:`LAYER_WIDTHS`, e.g. the
+  ``block_widths`` of a removed ResNet), lists for tuples. This is what a
+  run's config and checkpoints and a saved compact model record of it.
+
+  Example::
+
+    >>> from dessilbi_jax import models
+    >>> small = models.get_model('resnet20', 10, (8, 8, 1), widths=(4, 8, 8),
+    ...                          block_widths=(4, 0, 4, 8, 8, 8, 8, 8, 8))
+    >>> models.model_name(small), models.model_kwargs(small)
+    ('resnet20', {'widths': [4, 8, 8], 'block_widths': [4, 0, 4, 8, 8, 8, 8, 8, 8]})
+    >>> models.get_model('resnet20', 10, (8, 8, 1), **models.model_kwargs(small)) == small
+    True
+  """
+  fields = ('widths',) + tuple(f for f in LAYER_WIDTHS if f in _layer_widths_of(model_name(model)))
+  kwargs = {f: getattr(model, f) for f in fields if getattr(model, f, None) is not None}
+  return json.loads(json.dumps(kwargs, default=int))  # tuples -> lists, numpy ints -> ints
 
 
 def _hashable(value):

@@ -144,7 +144,7 @@ def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, ech
       changed = ', '.join(f'{name} {unit_map[name].size}→{width}' for name, width in grown.items())
       print(f'growth after epoch {epoch.epoch}: {changed}; params {params:,} → {new_params:,}, '
             f'MACs {macs:,} → {new_macs:,}', flush=True)
-    return ext.Reshaped(widths=tuple(model.widths), state=jax.device_get(new_state))
+    return ext.Reshaped(state=jax.device_get(new_state), **steps.model_fields(model))
 
   return ext.Extension(NAME, metrics=decide, epoch_end=epoch_end)
 

@@ -109,6 +109,7 @@ def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True
   network's params, MACs and test accuracy, and the dense network's params and MACs.
   """
   from dessilbi_jax import checkpoint, data, models, train  # pylint: disable=g-import-not-at-top
+  from dessilbi_jax.train import steps  # pylint: disable=g-import-not-at-top
   run_dir = pathlib.Path(run_dir)
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -119,8 +120,8 @@ def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True
     raise FileNotFoundError(f'{run_dir / "checkpoints"} holds no checkpoint: is --run {run_dir} a training run?')
   if epoch is not None and epoch not in saved:
     raise ValueError(f'--epoch {epoch}: {run_dir} keeps the checkpoints of epochs {saved} only.')
-  widths = checkpoint.read_record(run_dir / 'checkpoints', saved[-1] if epoch is None else epoch).get('widths')
-  model, info = train.build_model(cfg, None if widths is None else tuple(widths))
+  record = checkpoint.read_record(run_dir / 'checkpoints', saved[-1] if epoch is None else epoch)
+  model, info = train.build_model(steps.recorded_config(cfg, record))
   steps_per_epoch = data.steps_per_epoch(cfg.dataset, cfg.batch_size)
   tx = train.make_optimizer(cfg, steps_per_epoch)
   variables = train.init_variables(model, info.input_shape, jax.random.PRNGKey(0))

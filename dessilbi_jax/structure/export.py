@@ -3,7 +3,8 @@
 A compact model directory holds
 
 * ``model.json``: the zoo's model name, ``num_classes``, ``input_shape``, every
-  width argument (``widths``, ``block_widths``, ``shortcut_offsets``,
+  width argument (``kwargs``: :func:`dessilbi_jax.models.model_kwargs`, i.e.
+  ``widths`` and the ResNets' ``block_widths``, ``shortcut_offsets``,
   ``stem_width``, ``stream_widths``), its params and MACs, and per array its
   shape, dtype and SHA-256;
 * ``variables/``: the params and batch statistics, written with orbax.
@@ -45,23 +46,7 @@ from dessilbi_jax import models
 
 FORMAT = 'dessilbi-compact'
 VERSION = 1
-_WIDTH_FIELDS = ('widths', 'block_widths', 'shortcut_offsets', 'stem_width', 'stream_widths')
-
-
-def model_name(model) -> str:
-  """The zoo name (:func:`models.get_model`) of a zoo module, e.g. ``'resnet56'``."""
-  for name in models.list_models():
-    reference = models.get_model(name, 10, (32, 32, 3) if name != 'conv1d' else (40, 1))
-    if type(reference) is type(model) and all(
-        getattr(reference, f) == getattr(model, f) for f in ('stage_sizes', 'block') if hasattr(model, f)):
-      return name
-  raise ValueError(f'{type(model).__name__} is not a model of the zoo; save_compact writes the zoo\'s models '
-                   f'({", ".join(models.list_models())}).')
-
-
-def _description(model) -> dict[str, Any]:
-  kwargs = {f: getattr(model, f) for f in _WIDTH_FIELDS if getattr(model, f, None) is not None}
-  return json.loads(json.dumps(kwargs, default=int))  # tuples -> lists, numpy ints -> ints
+model_name = models.model_name   # the zoo name of a zoo module (defined in models, named here as before)
 
 
 def _digest(array) -> str:
@@ -96,17 +81,17 @@ def save_compact(directory, model: Union[str, Any], variables, *, input_shape: S
     if num_classes is None:
       raise ValueError('save_compact with a model name needs num_classes.')
     model = models.get_model(model, num_classes, input_shape, **layer_widths)
-  name = model_name(model)
-  rebuilt = models.get_model(name, model.num_classes, input_shape, **_description(model))
+  name, kwargs = models.model_name(model), models.model_kwargs(model)
+  rebuilt = models.get_model(name, model.num_classes, input_shape, **kwargs)
   expected = jax.eval_shape(rebuilt.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
   shapes = lambda tree: jax.tree.map(lambda a: tuple(np.shape(a)), tree)
   if shapes(expected) != shapes(dict(variables)):
-    raise ValueError(f'The variables do not fit {name} with these widths ({_description(model)}): pass the '
+    raise ValueError(f'The variables do not fit {name} with these widths ({kwargs}): pass the '
                      'variables of this model.')
   variables = jax.device_get(dict(variables))
   description = dict(
       format=FORMAT, version=VERSION, model=name, num_classes=int(model.num_classes),
-      input_shape=[int(n) for n in input_shape], kwargs=_description(model),
+      input_shape=[int(n) for n in input_shape], kwargs=kwargs,
       params=models.count_params(variables['params']), macs=models.count_flops(rebuilt, tuple(input_shape)),
       arrays=_arrays(variables))
   directory.mkdir(parents=True, exist_ok=True)

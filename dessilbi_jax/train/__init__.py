@@ -81,6 +81,7 @@ from dessilbi_jax.train.steps import TrainState
 from dessilbi_jax.train.steps import build_model
 from dessilbi_jax.train.steps import evaluate
 from dessilbi_jax.train.steps import init_variables
+from dessilbi_jax.train.steps import model_fields
 from dessilbi_jax.train.tickets import retrain_ticket
 from dessilbi_jax.train.tickets import suggest_epoch
 from dessilbi_jax.train.tickets import ticket_masks
@@ -89,6 +90,6 @@ __all__ = (
     'ConfigError', 'DamagedFileError', 'Epoch', 'Extension', 'ExtraTrainable', 'INITS', 'OPTIMIZERS',
     'PRESETS', 'RegularizationPath', 'Reshaped', 'RunLockedError', 'TrainConfig', 'TrainResult',
     'TrainState', 'build_model', 'check_config', 'check_values', 'evaluate', 'fit', 'init_variables',
-    'learning_rate_schedule', 'load_config', 'load_path', 'make_optimizer', 'preset', 'retrain_ticket',
+    'learning_rate_schedule', 'load_config', 'load_path', 'make_optimizer', 'model_fields', 'preset', 'retrain_ticket',
     'suggest_epoch', 'ticket_masks', 'write_plots',
 )

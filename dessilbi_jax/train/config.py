@@ -12,9 +12,11 @@ import jax
 
 from dessilbi_jax import data
 from dessilbi_jax import grouping
+from dessilbi_jax import models
 from dessilbi_jax.train.optimizers import OPTIMIZERS
 from dessilbi_jax.train.optimizers import make_optimizer
 from dessilbi_jax.train.steps import build_model
+from dessilbi_jax.train.steps import layer_widths_field
 
 INITS = ('rewind', 'reinit')
 
@@ -51,6 +53,9 @@ class TrainConfig:
       (not DessiLBI's λ).
     seed: initialization, data order and augmentation.
     widths: the model's widths (``None``: the reference architecture).
+    layer_widths: the ResNets' per-layer widths of a removed or grown network,
+      ``((name, value), ...)`` pairs of :data:`dessilbi_jax.models.LAYER_WIDTHS`
+      (``get_model``'s ``block_widths=...``, ...; ``None``: from ``widths``).
     data_dir: where the datasets are prepared (``None``: the default).
     augment: random augmentation of training batches (datasets that have one).
     keep_checkpoints: how many epoch checkpoints to keep (>= 1).
@@ -73,6 +78,7 @@ class TrainConfig:
   penalty: float = 1e-3
   seed: int = 0
   widths: Optional[tuple[int, ...]] = None
+  layer_widths: Optional[tuple[tuple[str, Any], ...]] = None
   data_dir: Optional[str] = None
   augment: bool = True
   keep_checkpoints: int = 3
@@ -93,6 +99,7 @@ class TrainConfig:
     for name in ('widths', 'lr_decay_epochs'):
       if values.get(name) is not None:
         values[name] = tuple(values[name])
+    values['layer_widths'] = layer_widths_field(values.get('layer_widths'))
     if isinstance(values.get('lambdas'), (list, tuple)):
       values['lambdas'] = tuple((str(kind), float(lam)) for kind, lam in values['lambdas'])
     return cls(**values)
@@ -217,6 +224,10 @@ def check_values(cfg: TrainConfig) -> None:
   if cfg.widths is not None and (not isinstance(cfg.widths, tuple) or not cfg.widths or any(
       isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in cfg.widths)):
     raise ConfigError('widths', f'must be positive integers, got {cfg.widths!r}.')
+  if cfg.layer_widths is not None and (not isinstance(cfg.layer_widths, tuple) or not cfg.layer_widths or any(
+      not isinstance(p, tuple) or len(p) != 2 or p[0] not in models.LAYER_WIDTHS for p in cfg.layer_widths)):
+    raise ConfigError('layer_widths', f'must be (name, value) pairs of {models.LAYER_WIDTHS}, got '
+                                      f'{cfg.layer_widths!r}.')
   pairs = cfg.lambdas if isinstance(cfg.lambdas, tuple) else (('every kind', cfg.lambdas),)
   for kind, lam in pairs:
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:

@@ -11,9 +11,9 @@ NamedTuple, like optax's ``GradientTransformation``; nothing to subclass):
   metrics, before the checkpoint. Returning :class:`Reshaped` replaces the
   training state by one of other shapes (network growth: new widths, params,
   batch statistics, optimizer state); the loop rebuilds the model from the
-  widths, checks the new state against it, compiles the step once more, and
-  stores the widths in every later checkpoint, so that ``resume`` rebuilds the
-  grown network.
+  widths (and per-layer widths), checks the new state against it, compiles
+  the step once more, and stores them in every later checkpoint, so that
+  ``resume`` rebuilds the grown network.
 * ``metrics(epoch: Epoch) -> dict``: numbers added to the epoch's row of
   ``metrics.jsonl`` and to its line on screen (e.g. a compacted network's
   accuracy, params and MACs, measured with ``epoch.evaluate``).
@@ -71,9 +71,15 @@ class Epoch(NamedTuple):
 
 
 class Reshaped(NamedTuple):
-  """A new training state of other shapes, and the widths of the model it belongs to."""
+  """A new training state of other shapes, and the widths of the model it belongs to.
+
+  ``layer_widths``: the per-layer widths of a ResNet's (``TrainConfig.layer_widths``,
+  or a mapping ``{'block_widths': ...}``; ``None``: none, the model of ``widths``
+  alone); ``Reshaped(state=state, **train.model_fields(model))`` says both.
+  """
   widths: tuple[int, ...]
   state: TrainState
+  layer_widths: Optional[Any] = None
 
 
 class Extension(NamedTuple):

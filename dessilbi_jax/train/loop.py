@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -45,6 +46,7 @@ class TrainResult(NamedTuple):
   state: Optional[TrainState] = None          # the whole final state (extensions' state included)
   widths: Optional[tuple[int, ...]] = None    # the final model's widths (changed by growth)
   resumed_from: Optional[int] = None          # the epoch of the checkpoint a resumed run started from
+  layer_widths: Optional[tuple] = None        # and its per-layer widths (TrainConfig.layer_widths)
 
 
 def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
@@ -129,10 +131,10 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
 def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, trainables, fall_back, writer,
          steps_per_epoch, say) -> TrainResult:
   init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
-  widths = cfg.widths
+  arch = cfg   # the config of the model trained now: its widths and layer_widths change with growth
 
-  def initial_state(widths):
-    model, info = steps.build_model(cfg, widths)
+  def initial_state(arch):
+    model, info = steps.build_model(arch)
     variables = steps.init_variables(model, info.input_shape, init_key)
     params = variables['params']
     extra = {name: t.init(params, jax.random.fold_in(init_key, i)) for i, (name, t) in enumerate(trainables)}
@@ -145,12 +147,12 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
   history: list[dict[str, Any]] = []
   resumed_from = None
   if resume:
-    state, record, widths = _restore(run_dir, cfg, initial_state, fall_back, say)
+    state, record, arch = _restore(run_dir, cfg, initial_state, fall_back, say)
     resumed_from = record['epoch']
     if cfg.epochs < record['epoch']:
       raise ValueError(f'--epochs {cfg.epochs} is below the {record["epoch"]} epochs the run in {run_dir} has '
                        f'already trained; give the new total (at least {record["epoch"]}).')
-    template = initial_state(cfg.widths)
+    template = initial_state(cfg)
     init_params = checkpoint.load_tree(run_dir / 'init_params', template.params)
     history = files.read_history(run_dir, up_to=record['epoch'])
     if record.get('arrays') is not None:
@@ -162,7 +164,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       except DamagedFileError:
         say(f'{run_dir / "path.npz"} was damaged: rebuilt from the checkpoint of epoch {record["epoch"]}.')
   else:
-    state = initial_state(widths)
+    state = initial_state(arch)
     if init_params is not None:
       steps.check_same_shapes(init_params, state.params, 'init_params')
       state = state._replace(params=init_params)
@@ -186,7 +188,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
   if resume:
     say(f'Resuming {run_dir} from the checkpoint of epoch {start_epoch} (step {int(state.step)}) '
         f'up to epoch {cfg.epochs}.')
-  model = steps.training_model(steps.build_model(cfg, widths)[0])
+  model = steps.training_model(steps.build_model(arch)[0])
   replicated = jax_utils.replicate(state)
   replicated_masks = None if masks is None else jax_utils.replicate(masks)
   train_step = steps.make_train_step(model, tx, trainables)
@@ -204,7 +206,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       row = _epoch_metrics(model, state, has_gamma, trainables, evaluate)
       row.update(epoch=epoch, step=int(state.step), lr=float(schedule(int(state.step) - 1)),
                  train_loss=loss, train_acc=acc)
-      context = ext.Epoch(epoch, cfg, model, widths, state, tx, steps_per_epoch, row, evaluate, tuple(history))
+      context = ext.Epoch(epoch, cfg, model, arch.widths, state, tx, steps_per_epoch, row, evaluate, tuple(history))
       added = _extension_metrics(extensions, context)
       row.update(added, seconds=round(time.perf_counter() - start, 3))
       history.append(row)
@@ -214,8 +216,8 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       if reshaped is not None:
         if masks is not None:
           raise ValueError('An extension changed the shapes of a masked run (a ticket); masks cannot follow.')
-        widths, state = _check_reshaped(reshaped, cfg, tx, trainables)
-        model = steps.training_model(steps.build_model(cfg, widths)[0])
+        arch, state = _check_reshaped(reshaped, cfg, tx, trainables)
+        model = steps.training_model(steps.build_model(arch)[0])
         replicated = jax_utils.replicate(state)
         train_step = steps.make_train_step(model, tx, trainables)   # compiled once for the new shapes
       if writer:
@@ -224,7 +226,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       if manager is not None:
         arrays = path.arrays(steps_per_epoch) if has_gamma else {}
         checkpoint.save(manager, epoch, state,
-                        {'epoch': epoch, 'step': int(state.step), 'widths': None if widths is None else list(widths),
+                        {'epoch': epoch, 'step': int(state.step), **steps.model_record(arch),
                          'path_kinds': dict(path.kinds)},
                         arrays=path_item(arrays))
       say(_summary_line(row, cfg.epochs, added))
@@ -235,7 +237,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
   if writer and history:
     files.write_plots(run_dir, history, path.entry_steps, steps_per_epoch, ticket=masks is not None)
   return TrainResult(state.params, state.batch_stats, state.opt_state, init_params, history, state,
-                     None if widths is None else tuple(widths), resumed_from)
+                     arch.widths, resumed_from, arch.layer_widths)
 
 
 @contextlib.contextmanager
@@ -256,15 +258,14 @@ def _decided_by_process_0(needed: bool):
 
 
 def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
-  """(state, record, widths) of the newest good checkpoint; older ones only with ``fall_back``."""
+  """(state, record, config of its model) of the newest good checkpoint; older ones only with ``fall_back``."""
   directory = run_dir / 'checkpoints'
   epochs = checkpoint.saved_epochs(directory)
   errors = []
   for epoch in reversed(epochs):
     try:
-      saved = checkpoint.read_record(directory, epoch)
-      widths = tuple(saved['widths']) if saved.get('widths') is not None else cfg.widths
-      state, record = checkpoint.restore(directory, initial_state(widths), epoch=epoch, with_arrays=True)
+      arch = steps.recorded_config(cfg, checkpoint.read_record(directory, epoch))
+      state, record = checkpoint.restore(directory, initial_state(arch), epoch=epoch, with_arrays=True)
     except checkpoint.CheckpointError as e:
       older = [s for s in epochs if s < epoch]
       if not fall_back:
@@ -282,21 +283,22 @@ def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
       continue
     if errors:
       say(f'Using the checkpoint of epoch {epoch}, the newest that passed its checksums.')
-    return state, record, widths
+    return state, record, arch
   raise checkpoint.CheckpointError(f'No checkpoint in {directory} can be used: ' + ' '.join(errors))
 
 
 def _check_reshaped(reshaped: ext.Reshaped, cfg, tx, trainables):
-  """The widths and state an extension returned, checked against the model those widths build."""
+  """The model config and state an extension returned, checked against the model those widths build."""
   widths, state = tuple(reshaped.widths), jax.device_get(reshaped.state)
-  model, info = steps.build_model(cfg, widths)
+  arch = dataclasses.replace(cfg, widths=widths, layer_widths=steps.layer_widths_field(reshaped.layer_widths))
+  model, info = steps.build_model(arch)
   expected = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, *info.input_shape)), train=False),
                             jax.random.PRNGKey(0))
   what = f'The state an extension returned for widths {widths}'
   steps.check_same_shapes(state.params, expected['params'], f'{what}: params')
   steps.check_same_shapes(state.batch_stats, expected.get('batch_stats', {}), f'{what}: batch_stats')
   steps.check_same_shapes(state.opt_state, jax.eval_shape(tx.init, expected['params']), f'{what}: opt_state')
-  return widths, state
+  return arch, state
 
 
 def _extension_metrics(extensions, context) -> dict[str, Any]:

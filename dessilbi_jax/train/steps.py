@@ -7,7 +7,10 @@ params and optimizer state stay replicated and equal on every device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -39,11 +42,52 @@ class TrainState(NamedTuple):
 
 
 def build_model(cfg: TrainConfig, widths: Optional[Sequence[int]] = None):
-  """``(model, dataset_info)`` for ``cfg`` (``widths``: instead of ``cfg.widths``); ValueError for unknown names."""
+  """``(model, dataset_info)`` for ``cfg``; ValueError for unknown names.
+
+  The model is ``cfg.model`` with ``cfg.widths`` (or ``widths``) and the
+  per-layer widths ``cfg.layer_widths`` (a removed or grown ResNet's).
+  """
   info = data.dataset_info(cfg.dataset)
   model = models.get_model(cfg.model, info.num_classes, info.input_shape,
-                           widths=cfg.widths if widths is None else tuple(widths))
+                           widths=cfg.widths if widths is None else tuple(widths),
+                           **dict(cfg.layer_widths or ()))
   return model, info
+
+
+def model_fields(model) -> dict[str, Any]:
+  """The :class:`TrainConfig` fields ``widths`` and ``layer_widths`` of a zoo module (e.g. a removed one).
+
+  ``dataclasses.replace(cfg, **model_fields(model))`` is the config whose
+  :func:`build_model` is ``model`` (:func:`dessilbi_jax.models.model_kwargs`).
+  """
+  kwargs = models.model_kwargs(model)
+  widths = kwargs.pop('widths', None)
+  return dict(widths=None if widths is None else tuple(widths), layer_widths=layer_widths_field(kwargs))
+
+
+def layer_widths_field(values) -> Optional[tuple[tuple[str, Any], ...]]:
+  """``TrainConfig.layer_widths`` from a mapping or pairs (JSON lists become tuples); ``None`` for none."""
+  if values is None:
+    return None
+  pairs = values.items() if isinstance(values, Mapping) else values
+  return tuple(sorted((str(name), models._hashable(value)) for name, value in pairs)) or None  # pylint: disable=protected-access
+
+
+def model_record(cfg: TrainConfig) -> dict[str, Any]:
+  """What a checkpoint records of the model (JSON): ``cfg``'s ``widths`` and ``layer_widths``."""
+  return {'widths': None if cfg.widths is None else list(cfg.widths),
+          'layer_widths': None if cfg.layer_widths is None else json.loads(json.dumps(dict(cfg.layer_widths)))}
+
+
+def recorded_config(cfg: TrainConfig, record: Mapping[str, Any]) -> TrainConfig:
+  """``cfg`` with the model a checkpoint record names (:func:`model_record`).
+
+  A record of before the per-layer widths holds ``widths`` alone (``None``:
+  the config's); its model keeps the config's ``layer_widths``.
+  """
+  widths = tuple(record['widths']) if record.get('widths') is not None else cfg.widths
+  layer_widths = layer_widths_field(record['layer_widths']) if 'layer_widths' in record else cfg.layer_widths
+  return dataclasses.replace(cfg, widths=widths, layer_widths=layer_widths)
 
 
 def training_model(model):

@@ -61,11 +61,6 @@ def suggest_epoch(history, within: float = 0.01) -> Optional[int]:
               and h['sparse_test_acc'] >= final - within)
 
 
-def _removable(model) -> bool:
-  """Whether the removed network is rebuilt by ``widths`` alone (what a run's config can hold)."""
-  return isinstance(model, (models.MLP, models.LeNet5, models.Conv1DNet, models.VGG16))
-
-
 def compact_ticket(model, variables, masks, init_params, input_shape):
   """The removed network of a ticket: ``(model, masks, init_params)`` with the dead units cut out.
 
@@ -94,20 +89,22 @@ def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optiona
   """Retrains the support of Γ after ``epoch`` of a run with SGD-momentum (a winning ticket).
 
   The weights outside the support are zero and stay exactly zero. With
-  ``compact`` (the default, for the zoo's models rebuilt by their widths:
-  MLP, LeNet-5, conv1d, VGG-16) the units the support leaves dead are removed
+  ``compact`` (the default) the units the support leaves dead are removed
   first (:func:`compact_ticket`), so a smaller, faster network trains the same
-  weights; ``compact=False`` retrains the masked full-size network. ``init``:
-  ``'rewind'`` starts from the run's own initialization, ``'reinit'`` from a
-  fresh one (seed + 1). ``epochs`` and ``lr`` default to the run's. Writes
+  weights (the ticket's config holds its widths and, for a ResNet, its
+  per-layer widths); ``compact=False`` retrains the masked full-size
+  network. ``init``: ``'rewind'`` starts from the run's own initialization,
+  ``'reinit'`` from a fresh one (seed + 1). ``epochs`` and ``lr`` default to the run's. Writes
   ``metrics.jsonl``, ``ticket.json`` and plots into ``out_dir`` (default
   ``run_dir/ticket-epoch<E>-<init>``).
 
   Returns:
     A dict with ``test_acc``, ``params_kept`` (the weights trained),
-    ``params`` and ``dense_flops`` (the run's network), ``trained_params`` and
-    ``flops`` (the network trained: its size and the multiply-accumulates of
-    one forward pass through its non-zero weights), ``widths`` and more.
+    ``params`` and ``dense_flops`` (the run's network), ``trained_params``,
+    ``trained_macs`` and ``flops`` (the network trained: its size, the
+    multiply-accumulates of one forward pass through it and through its
+    non-zero weights), its ``widths`` and ``model_kwargs``
+    (:func:`dessilbi_jax.models.model_kwargs`) and more.
   """
   run_dir = files.local_path(run_dir, '--run')
   if init not in INITS:
@@ -130,11 +127,10 @@ def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optiona
   init_params = checkpoint.load_tree(run_dir / 'init_params', template) if init == 'rewind' else None
   out_dir = files.local_path(out_dir) if out_dir else run_dir / f'ticket-epoch{epoch}-{init}'
   dense_model, dense_params = model, template
-  compact = compact and _removable(model)
   if compact:
     variables = steps.init_variables(model, info.input_shape, jax.random.PRNGKey(0))
     model, masks, init_params = compact_ticket(model, variables, masks, init_params, info.input_shape)
-    cfg = dataclasses.replace(cfg, widths=tuple(model.widths))
+    cfg = dataclasses.replace(cfg, **steps.model_fields(model))
     check_config(cfg)
   result = fit(cfg, out_dir, resume=resume, masks=masks, init_params=init_params, quiet=quiet)
 
@@ -146,7 +142,8 @@ def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optiona
       run_sparse_test_acc=run_rows[-1].get('sparse_test_acc') if run_rows else None,
       params=models.count_params(dense_params), params_kept=int(sum(np.count_nonzero(m) for m in jax.tree.leaves(full))),
       trained_params=models.count_params(result.params), compact=compact,
-      widths=list(model.widths) if hasattr(model, 'widths') else None,
+      widths=list(model.widths), model_kwargs=models.model_kwargs(model),
+      trained_macs=models.count_flops(model, info.input_shape),
       flops=models.count_flops(model, info.input_shape, params=result.params),
       dense_flops=models.count_flops(dense_model, info.input_shape))
   if jax.process_index() == 0:
