@@ -189,8 +189,8 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
     say(f'Resuming {run_dir} from the checkpoint of epoch {start_epoch} (step {int(state.step)}) '
         f'up to epoch {cfg.epochs}.')
   model = steps.training_model(steps.build_model(arch)[0])
-  replicated = jax_utils.replicate(state)
-  replicated_masks = None if masks is None else jax_utils.replicate(masks)
+  replicated = steps.replicate(state)
+  replicated_masks = None if masks is None else steps.replicate(masks)
   train_step = steps.make_train_step(model, tx, trainables)
   manager = None if run_dir is None else checkpoint.open_manager(
       run_dir / 'checkpoints', max_to_keep=cfg.keep_checkpoints)
@@ -218,7 +218,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
           raise ValueError('An extension changed the shapes of a masked run (a ticket); masks cannot follow.')
         arch, state = _check_reshaped(reshaped, cfg, tx, trainables)
         model = steps.training_model(steps.build_model(arch)[0])
-        replicated = jax_utils.replicate(state)
+        replicated = steps.replicate(state)
         train_step = steps.make_train_step(model, tx, trainables)   # compiled once for the new shapes
       if writer:
         files.append_history(run_dir, row)
