@@ -52,6 +52,13 @@ _TRAIN_FLAGS = {
                                  'lasso=0.03; kinds not named keep the preset\'s (digits 0.2, mnist1d 0.1)'),
     '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
     '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖ (default 0.001)'),
+    '--target-density': ('target_density', float, 'dessilbi: steer λ so that Γ\'s support ends on this fraction '
+                                                   'of the structured weights, e.g. 0.3'),
+    '--target-method': ('target_method', str, 'with --target-density: dual (dual ascent on λ, default) or budget '
+                                              '(a cap on the support; λ only rises)'),
+    '--constraint': ('constraint', str, 'with --target-density: model (one density for the network, default) '
+                                        'or layer (each layer\'s)'),
+    '--dual-lr': ('dual_lr', float, 'with --target-density: the dual learning rate (dessilbi dual: 0.01)'),
     '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
     '--widths': ('widths', int, 'the model widths, e.g. --widths 6 16 120 84'),
     '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
@@ -103,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           'each layer whose units are nearly all (--tau) in Γ\'s support; stop at '
                                           'the first check where none is; fine-tune the last --finetune-epochs.')
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
-    if flag not in ('--optimizer', '--widths', '--sparsity', '--penalty'):
+    if flag not in ('--optimizer', '--widths', '--sparsity', '--penalty', '--target-density', '--target-method',
+                    '--constraint', '--dual-lr'):
       grow.add_argument(flag, dest=field, type=kind, default=None, help=text,
                         nargs='*' if field in _LIST_FIELDS else None)
   grow.add_argument('--start-widths', dest='widths', type=int, nargs='*', default=None,
@@ -199,7 +207,7 @@ def _train(args, train) -> None:
   start = time.perf_counter()
   result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
   if result.history:   # under --quiet too: the one thing a log must end with
-    print(_summary(result.history, out, time.perf_counter() - start, train))
+    print(_summary(result.history, out, time.perf_counter() - start, train, cfg.target_density))
 
 
 def _grow(args, train) -> None:
@@ -248,8 +256,8 @@ def _compact(args) -> None:
         f'dessilbi_jax.structure.load_compact({str(args.out)!r}).')
 
 
-def _summary(history, out, seconds: float, train) -> str:
-  """Final accuracies, the support kept, where the files are, and the next command."""
+def _summary(history, out, seconds: float, train, target=None) -> str:
+  """Final accuracies, the support kept (against ``target``, a density), where the files are, the next command."""
   last = history[-1]
   percent = lambda v: f'{100 * v:.1f}%'
   lines = [f'Done in {seconds:.0f} s, {last["epoch"]} epochs: test accuracy dense {percent(last["dense_test_acc"])}']
@@ -257,7 +265,8 @@ def _summary(history, out, seconds: float, train) -> str:
     filters = [(r['groups_in_support'], r['groups']) for r in last['per_leaf'].values() if r['kind'] == 'filter']
     kept = f', filters {sum(k for k, _ in filters)}/{sum(n for _, n in filters)}' if filters else ''
     lines[0] += (f', sparse {percent(last["sparse_test_acc"])} (W ⊙ 1[Γ≠0], keeping '
-                 f'{percent(last["weights_kept"])} of the weights{kept}).')
+                 f'{percent(last["weights_kept"])} of the weights{kept}'
+                 + (f'; target {percent(target)}' if target is not None else '') + ').')
   elif last['weights_kept'] is not None:
     lines[0] += f' ({percent(last["weights_kept"])} of the weights non-zero).'
   lines.append(f'Files in {out}/: metrics.jsonl, path.npz (the regularization path), plots/*.png, checkpoints/.')

@@ -1,5 +1,8 @@
 """The budget threshold against a brute-force NumPy search; the dual-ascent step against its formula."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -92,7 +95,7 @@ def _density(state, params, count='weights'):
 
 def test_target_path_is_dessilbis_until_the_budget_binds():
   plain, _ = _run(None, 150)
-  capped, _ = _run(0.3, 150)
+  capped, _ = _run(target_density.Target(0.3, method='budget'), 150)
   binds = next(k for k, (p, s) in enumerate(plain) if _density(s, p) > 0.3)
   assert 5 < binds < 140, binds   # the test needs a budget that binds mid-run
   for k in range(binds):          # bit for bit until the plain run's support passes the budget
@@ -105,7 +108,7 @@ def test_target_path_is_dessilbis_until_the_budget_binds():
 def test_budget_threshold_in_the_state_against_numpy(scope, count):
   """Each step's threshold is the brute-force least t whose support of Z_{k+1} fits the budget, and
   Γ_{k+1} is κ·prox at max(λ, t), both against NumPy: the support never holds more than the budget."""
-  target = target_density.Target(0.25, scope=scope, count=count)
+  target = target_density.Target(0.25, scope=scope, count=count, method='budget')
   history, _ = _run(target, 120)
   for k, (params, state) in enumerate(history):
     norms = {p: reference.group_norms(np.asarray(state.z[p]), KINDS[p]) for p in ('conv', 'dense')}
@@ -125,7 +128,7 @@ def test_budget_threshold_in_the_state_against_numpy(scope, count):
 
 def test_dual_ascent_threshold_against_its_formula():
   rate = 0.5
-  history, _ = _run(target_density.Target(0.3, method='dual', rate=rate), 150)
+  history, _ = _run(target_density.Target(0.3, method='dual', rate=rate, lam_min=None), 150)
   for (_, before), (params, state) in zip(history, history[1:]):
     t, t_new = float(before.threshold['conv']), float(state.threshold['conv'])
     np.testing.assert_allclose(state.gamma['conv'], reference.prox(state.z['conv'], 'filter', LAM + t_new),
@@ -139,7 +142,7 @@ def test_dual_ascent_threshold_against_its_formula():
 
 
 def test_threshold_recomputed_every_n_steps():
-  history, _ = _run(target_density.Target(0.3, every=4), 40)
+  history, _ = _run(target_density.Target(0.3, every=4, method='budget'), 40)
   values = [float(s.threshold['conv']) for _, s in history]
   for k, (value, previous) in enumerate(zip(values[1:], values), start=2):
     if k % 4:
@@ -148,19 +151,24 @@ def test_threshold_recomputed_every_n_steps():
 
 
 def test_target_density_under_inject_hyperparams_can_change_mid_run():
+  """An injected target that changes after 60 steps gives the steps of a plain target of the new density
+  continued from the same state."""
   params, grad = _problem()
-  tx = optax.inject_hyperparams(dl.dessilbi, static_args=('groups',))(
-      learning_rate=ALPHA, mu=MU, lambdas=LAM, groups=lambda path, w: KINDS[path], target_density=0.4)
-  state, update = tx.init(params), jax.jit(tx.update)
-  densities = []
-  for k in range(240):
-    if k == 120:
+  kw = dict(mu=MU, lambdas=LAM, groups=lambda path, w: KINDS[path])
+  injected = optax.inject_hyperparams(dl.dessilbi, static_args=('groups',))(ALPHA, target_density=0.4, **kw)
+  plain = {d: dl.dessilbi(ALPHA, target_density=d, **kw) for d in (0.4, 0.2)}
+  state, p_inj = injected.init(params), params
+  reference, p_ref = plain[0.4].init(params), params
+  for k in range(120):
+    if k == 60:
       state.hyperparams['target_density'] = jnp.asarray(0.2)
-    updates, state = update(grad(params), state, params)
-    params = optax.apply_updates(params, updates)
-    densities.append(_density(state.inner_state, params))
-  filter_share = 18 / 312   # the budget fills in order of norm: it stops short by less than the group that does not fit
-  assert 0.4 - filter_share <= densities[119] <= 0.4 and 0.2 - filter_share <= densities[-1] <= 0.2
+    updates, state = injected.update(grad(p_inj), state, p_inj)
+    p_inj = optax.apply_updates(p_inj, updates)
+    updates, reference = plain[0.4 if k < 60 else 0.2].update(grad(p_ref), reference, p_ref)
+    p_ref = optax.apply_updates(p_ref, updates)
+  for a, b in zip(jax.tree.leaves((p_inj, state.inner_state.threshold)), jax.tree.leaves((p_ref, reference.threshold))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(reference.threshold['conv']) != float(plain[0.4].init(params).threshold['conv'])
 
 
 @pytest.mark.parametrize('bad,message', [
@@ -178,7 +186,7 @@ def test_target_without_structured_leaves_and_with_non_finite_norms():
   state = tx.init({})
   assert tx.update({}, state, {})[1].threshold == {}
   w = jnp.arange(1.0, 13.0).reshape(4, 3).at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
-  tx = dl.dessilbi(0.1, mu=1.0, lambdas=0.0, target_density=0.5)
+  tx = dl.dessilbi(0.1, mu=1.0, lambdas=0.0, target_density=target_density.Target(0.5, method='budget'))
   state = tx.init({'dense': w})
   _, state = tx.update({'dense': jnp.zeros((4, 3))}, state, {'dense': w})   # Z_1 = 0.1·W: NaN, +inf
   # A NaN norm never counts, the +inf one does: 6 weights of the budget, the inf one and the 5 largest.
@@ -198,7 +206,27 @@ def test_dual_ascent_with_a_lower_floor_reaches_a_density_dessilbi_would_not():
   offsets = [float(s.threshold['conv']) for _, s in history]
   assert min(offsets) >= -LAM - 1e-7 and min(offsets) < -0.1
   assert _density(history[14][1], history[14][0]) >= 0.4
-  with pytest.raises(ValueError, match="lam_min applies to method='dual'"):
-    dl.dessilbi(0.1, target_density=target_density.Target(0.3, lam_min=0.0))
   with pytest.raises(ValueError, match='lam_min must be >= 0'):
     dl.dessilbi(0.1, target_density=target_density.Target(0.3, method='dual', lam_min=-1.0))
+
+
+def test_train_command_with_a_target_density(tmp_path, capsys):
+  """`dessilbi train --target-density`: the run's support ends near the target (a 4-epoch digits run of an
+  MLP, dual ascent) and the summary names the target; flags the optimizer cannot take are refused."""
+  from dessilbi_jax import cli
+  out = tmp_path / 'run'
+  cli.main(['train', '--model', 'mlp', '--epochs', '4', '--target-density', '0.2', '--dual-lr', '0.05',
+            '--out', str(out), '--quiet'])
+  summary = capsys.readouterr().out
+  assert 'target 20.0%' in summary
+  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['weights_kept'] == pytest.approx(0.2, abs=0.02)
+  assert json.loads((out / 'config.json').read_text())['target_density'] == 0.2
+  for argv, message in ((['--optimizer', 'sgd', '--target-density', '0.3'], '--target-density steers DessiLBI'),
+                        (['--target-density', '0'], r'--target-density: must be in \(0, 1\]'),
+                        (['--target-density', '0.3', '--target-method', 'sort'], '--target-method: must be one of'),
+                        (['--target-density', '0.3', '--dual-lr', '-1'], '--dual-lr: must be in')):
+    assert cli.main(['train', *argv, '--epochs', '1', '--out', str(tmp_path / 'bad')]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err), (argv, err)
+    assert not (tmp_path / 'bad').exists()

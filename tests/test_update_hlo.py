@@ -123,7 +123,7 @@ def test_ordering_edge_leaves_every_value_as_it_is(dtype):
     assert np.array_equal(np.signbit(out), np.signbit(x))   # −0 stays −0
 
 
-@pytest.mark.parametrize('target', [target_density.Target(0.3), target_density.Target(0.3, method='dual'),
+@pytest.mark.parametrize('target', [target_density.Target(0.3, method='budget'), target_density.Target(0.3),
                                     target_density.Target(0.3, scope='layer', every=10)])
 @pytest.mark.parametrize('sequential_min_size', [cpu_schedule.SEQUENTIAL_MIN_SIZE, 1])
 def test_target_density_update_copies_no_buffer_and_adds_no_pass_over_grouped_leaves(

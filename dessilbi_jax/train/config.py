@@ -13,6 +13,7 @@ import jax
 from dessilbi_jax import data
 from dessilbi_jax import grouping
 from dessilbi_jax import models
+from dessilbi_jax import target_density
 from dessilbi_jax.train.optimizers import OPTIMIZERS
 from dessilbi_jax.train.optimizers import make_optimizer
 from dessilbi_jax.train.steps import build_model
@@ -51,6 +52,15 @@ class TrainConfig:
       the end (:func:`dessilbi_jax.baselines.make_baseline`).
     penalty: ``prox_group_lasso``: the weight of the penalty penalty·Σ_g ‖W_g‖₂
       (not DessiLBI's λ).
+    target_density: DessiLBI: steer λ so that Γ's support ends on this
+      fraction of the structured weights (:mod:`dessilbi_jax.target_density`;
+      ``None``: λ as given).
+    target_method: how: ``'dual'`` (dual ascent on λ, which may also lower
+      it) or ``'budget'`` (a cap on the support; λ only rises).
+    constraint: ``'model'`` (one density over every structured layer) or
+      ``'layer'`` (each layer's).
+    dual_lr: the dual learning rate (DessiLBI ``'dual'``: how fast λ moves
+      per step and unit of density gap; ``None``: 0.01).
     seed: initialization, data order and augmentation.
     widths: the model's widths (``None``: the reference architecture).
     layer_widths: the ResNets' per-layer widths of a removed or grown network,
@@ -76,6 +86,10 @@ class TrainConfig:
   normalize_groups: bool = True
   sparsity: float = 0.9
   penalty: float = 1e-3
+  target_density: Optional[float] = None
+  target_method: str = 'dual'
+  constraint: str = 'model'
+  dual_lr: Optional[float] = None
   seed: int = 0
   widths: Optional[tuple[int, ...]] = None
   layer_widths: Optional[tuple[tuple[str, Any], ...]] = None
@@ -216,6 +230,17 @@ def check_values(cfg: TrainConfig) -> None:
   number('mu', low=0, low_open=True)
   number('sparsity', low=0, high=1, high_open=True)
   number('penalty', low=0)
+  if cfg.target_density is not None:
+    number('target_density', low=0, high=1, low_open=True)
+    if cfg.optimizer != 'dessilbi':
+      raise ConfigError('target_density', f'--target-density steers DessiLBI\'s λ; --optimizer {cfg.optimizer} '
+                                          'cannot take it (leave it out, or use --optimizer dessilbi).')
+  if cfg.target_method not in target_density.METHODS:
+    raise ConfigError('target_method', f'must be one of {target_density.METHODS}, got {cfg.target_method!r}.')
+  if cfg.constraint not in target_density.SCOPES:
+    raise ConfigError('constraint', f'must be one of {target_density.SCOPES}, got {cfg.constraint!r}.')
+  if cfg.dual_lr is not None:
+    number('dual_lr', low=0, low_open=True)
   number('seed', low=0, integer=True)
   number('keep_checkpoints', low=1, integer=True)
   if not isinstance(cfg.lr_decay_epochs, tuple) or any(

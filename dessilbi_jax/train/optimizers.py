@@ -11,6 +11,7 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import baselines
+from dessilbi_jax import target_density as targets
 
 if TYPE_CHECKING:
   from dessilbi_jax.train.config import TrainConfig
@@ -30,7 +31,9 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   filter, dense kernels by weight); ``'sgd'``: SGD with heavy-ball momentum;
   ``'adam'``: AdamW; the names of :data:`dessilbi_jax.baselines.BASELINES`:
   :func:`dessilbi_jax.baselines.make_baseline` over ``cfg.epochs`` with
-  ``cfg.sparsity`` (GMP) or ``cfg.penalty`` (group lasso). Weight decay
+  ``cfg.sparsity`` (GMP) or ``cfg.penalty`` (group lasso). DessiLBI with
+  ``cfg.target_density`` steers λ to it (``cfg.target_method``,
+  ``cfg.constraint``, ``cfg.dual_lr``). Weight decay
   applies to leaves of rank >= 2 throughout. Equal settings give the same
   object, so that :func:`dessilbi_jax.train.fit` reuses its compiled step.
   """
@@ -39,7 +42,15 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   total_steps = cfg.epochs * steps_per_epoch if cfg.optimizer in baselines.BASELINES else None
   return _optimizer(cfg.optimizer, cfg.lr, _decay_epochs(cfg), cfg.lr_decay, cfg.momentum, cfg.weight_decay,
                     cfg.kappa, cfg.mu, cfg.lambdas, cfg.normalize_groups, cfg.sparsity, cfg.penalty,
-                    steps_per_epoch, total_steps)
+                    steps_per_epoch, total_steps, _target(cfg))
+
+
+def _target(cfg: TrainConfig):
+  """DessiLBI's :class:`~dessilbi_jax.target_density.Target` of ``cfg`` (``None`` without a target density)."""
+  if cfg.target_density is None or cfg.optimizer != 'dessilbi':
+    return None
+  rate = targets.Target(cfg.target_density).rate if cfg.dual_lr is None else cfg.dual_lr
+  return targets.Target(cfg.target_density, scope=cfg.constraint, method=cfg.target_method, rate=rate)
 
 
 def _decay_epochs(cfg: TrainConfig) -> tuple[int, ...]:
@@ -52,13 +63,14 @@ def _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch) -> optax.Schedule:
 
 @functools.lru_cache(maxsize=32)
 def _optimizer(name, lr, lr_decay_epochs, lr_decay, momentum, weight_decay, kappa, mu, lambdas,
-               normalize_groups, sparsity, penalty, steps_per_epoch, total_steps) -> optax.GradientTransformation:
+               normalize_groups, sparsity, penalty, steps_per_epoch, total_steps, target=None
+               ) -> optax.GradientTransformation:
   schedule = _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch)
   decayed = lambda params: jax.tree.map(lambda w: jnp.ndim(w) >= 2, params)
   if name == 'dessilbi':
     return dl.dessilbi(schedule, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
                        lambdas=dict(lambdas) if isinstance(lambdas, tuple) else lambdas,
-                       normalize_groups=normalize_groups)
+                       normalize_groups=normalize_groups, target_density=target)
   if name == 'sgd':
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=decayed),
                        optax.sgd(schedule, momentum=momentum or None))
