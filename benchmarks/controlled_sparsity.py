@@ -43,7 +43,7 @@ from benchmarks.sparsity_vs_accuracy import kept
 from benchmarks.sparsity_vs_accuracy import use_compilation_cache
 
 TARGETS = (0.1, 0.25, 0.5)
-PENALTIES = (1e-3, 1e-2, 1e-1)
+PENALTIES = (1e-2, 1e-1)
 METHODS = ('dessilbi', 'dessilbi_budget', 'l0', 'l0_penalty', 'gmp')
 NAMES = {'dessilbi': 'DessiLBI, target (dual ascent on λ)', 'dessilbi_budget': 'DessiLBI, target (budget cap)',
          'l0': 'L0 gates, constrained', 'l0_penalty': 'L0 gates, penalized', 'gmp': 'GMP unstructured'}
@@ -65,7 +65,7 @@ def measure(dataset: str, method: str, value: float, seed: int) -> dict[str, Any
                 macs=row.get('compact_macs'))
   if method in ('l0', 'l0_penalty'):
     changes = dict(target_density=value) if method == 'l0' else dict(penalty=value)
-    row = _row(dataclasses.replace(cfg, optimizer=method, **changes))
+    row = _row(train.preset(dataset, seed=seed, optimizer=method, **changes))   # its α: half the preset's
     return dict(point, density=row['expected_density'], acc=row['purged_test_acc'],
                 params=row.get('purged_params'), macs=row.get('purged_macs'),
                 multiplier=row.get('multiplier_max'))
@@ -141,7 +141,7 @@ def report(rows: list[dict[str, Any]], targets, extra) -> tuple[list[str], list[
 
 
 def run(datasets=('digits', 'mnist1d'), seeds: int = 3, targets=TARGETS, extra=None, methods=METHODS,
-        penalties=PENALTIES) -> str:
+        penalties=PENALTIES, name: str = 'controlled_sparsity') -> str:
   start = time.perf_counter()
   points = []
   values = lambda method: penalties if method == 'l0_penalty' else [*targets, *([extra] if extra else [])]
@@ -156,8 +156,10 @@ def run(datasets=('digits', 'mnist1d'), seeds: int = 3, targets=TARGETS, extra=N
   text = '\n'.join([
       '# Controlled sparsity', '',
       f'Machine: {machine()}. {(time.perf_counter() - start) / 60:.1f} minutes in all. Regenerate with '
-      f'`python -m benchmarks.controlled_sparsity --seeds {seeds} --targets {" ".join(f"{t:g}" for t in targets)}'
-      f'{f" --extra-density {extra:g}" if extra else ""}`.', '',
+      f'`python -m benchmarks.controlled_sparsity --datasets {" ".join(datasets)} --seeds {seeds} --targets '
+      f'{" ".join(f"{t:g}" for t in targets)}{f" --extra-density {extra:g}" if extra else ""} --methods '
+      f'{" ".join(methods)}{" --penalties " + " ".join(f"{p:g}" for p in penalties) if "l0_penalty" in methods else ""}'
+      f'{f" --name {name}" if name != "controlled_sparsity" else ""}`.', '',
       'Density: the fraction of the structured weights (conv and dense kernels) the network keeps: for DessiLBI '
       'the support of Γ at the end (the accuracy is that of W ⊙ 1[Γ≠0]), for L0 the expected density of the '
       'gates (the accuracy is the purged network\'s), for GMP the non-zero weights. Params and MACs (per '
@@ -166,8 +168,8 @@ def run(datasets=('digits', 'mnist1d'), seeds: int = 3, targets=TARGETS, extra=N
       'learning-rate schedule.', '',
       '## The bars', '', *verdicts, '', *lines])
   RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'controlled_sparsity.md').write_text(text + '\n')
-  (RESULTS / 'controlled_sparsity.json').write_text(json.dumps({'points': points}, indent=1) + '\n')
+  (RESULTS / f'{name}.md').write_text(text + '\n')
+  (RESULTS / f'{name}.json').write_text(json.dumps({'points': points}, indent=1) + '\n')
   return text
 
 
@@ -180,6 +182,7 @@ def main(argv=None):
                       help='one more target density, picked when you run it (e.g. 0.37)')
   parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
   parser.add_argument('--penalties', type=float, nargs='+', default=list(PENALTIES))
+  parser.add_argument('--name', default='controlled_sparsity', help='results/NAME.md and .json')
   args = parser.parse_args(argv)
   for t in [*args.targets, *([args.extra_density] if args.extra_density is not None else [])]:
     if not 0 < t <= 1:
@@ -189,7 +192,7 @@ def main(argv=None):
   with tempfile.TemporaryDirectory(prefix='dessilbi-jax-cache-') as cache:
     use_compilation_cache(cache)
     print(run(args.datasets, args.seeds, tuple(args.targets), args.extra_density, tuple(args.methods),
-              tuple(args.penalties)))
+              tuple(args.penalties), args.name))
 
 
 if __name__ == '__main__':

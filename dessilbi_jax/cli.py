@@ -37,7 +37,8 @@ _TRAIN_FLAGS = {
     '--dataset': ('dataset', str, "dataset name (listed below; default digits); picks the "
                   "preset that every other flag defaults to (train.PRESETS)"),
     '--model': ('model', str, 'model name (listed below; digits: lenet, mnist1d: conv1d)'),
-    '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured or prox_group_lasso'),
+    '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured, prox_group_lasso, l0 '
+                                      '(L0 gates under --target-density) or l0_penalty'),
     '--epochs': ('epochs', int, 'total epochs (digits 60, mnist1d 30); with --resume: the new total'),
     '--batch-size': ('batch_size', int, 'global batch size, a multiple of the device count (default 64)'),
     '--lr': ('lr', float, 'learning rate α (default 0.1; 0.001 for adam)'),
@@ -51,14 +52,18 @@ _TRAIN_FLAGS = {
     '--lambda': ('lambdas', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
                                  'lasso=0.03; kinds not named keep the preset\'s (digits 0.2, mnist1d 0.1)'),
     '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
-    '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖ (default 0.001)'),
+    '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖; l0_penalty: λ of '
+                                    'λ·density (default 0.001)'),
     '--target-density': ('target_density', float, 'dessilbi: steer λ so that Γ\'s support ends on this fraction '
-                                                   'of the structured weights, e.g. 0.3'),
+                                                   'of the structured weights, e.g. 0.3; l0: the gates\' '
+                                                   'density constraint'),
     '--target-method': ('target_method', str, 'with --target-density: dual (dual ascent on λ, default) or budget '
                                               '(a cap on the support; λ only rises)'),
     '--constraint': ('constraint', str, 'with --target-density: model (one density for the network, default) '
                                         'or layer (each layer\'s)'),
-    '--dual-lr': ('dual_lr', float, 'with --target-density: the dual learning rate (dessilbi dual: 0.01)'),
+    '--dual-lr': ('dual_lr', float, 'with --target-density: the dual learning rate (dessilbi 0.01, l0 0.1)'),
+    '--gates-lr': ('gates_lr', float, 'l0, l0_penalty: the gates\' own learning rate, never decayed (default 10)'),
+    '--droprate-init': ('droprate_init', float, 'l0, l0_penalty: p₀ of the gates\' initialization (default 0.3)'),
     '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
     '--widths': ('widths', int, 'the model widths, e.g. --widths 6 16 120 84'),
     '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           'the first check where none is; fine-tune the last --finetune-epochs.')
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
     if flag not in ('--optimizer', '--widths', '--sparsity', '--penalty', '--target-density', '--target-method',
-                    '--constraint', '--dual-lr'):
+                    '--constraint', '--dual-lr', '--gates-lr', '--droprate-init'):
       grow.add_argument(flag, dest=field, type=kind, default=None, help=text,
                         nargs='*' if field in _LIST_FIELDS else None)
   grow.add_argument('--start-widths', dest='widths', type=int, nargs='*', default=None,

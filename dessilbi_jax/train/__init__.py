@@ -66,6 +66,7 @@ from dessilbi_jax.train.extensions import Epoch
 from dessilbi_jax.train.extensions import Extension
 from dessilbi_jax.train.extensions import ExtraTrainable
 from dessilbi_jax.train.extensions import Reshaped
+from dessilbi_jax.train.l0_gates import l0_extension
 from dessilbi_jax.train.loop import TrainResult
 from dessilbi_jax.train.loop import fit
 from dessilbi_jax.train.optimizers import OPTIMIZERS
@@ -90,6 +91,6 @@ __all__ = (
     'ConfigError', 'DamagedFileError', 'Epoch', 'Extension', 'ExtraTrainable', 'INITS', 'OPTIMIZERS',
     'PRESETS', 'RegularizationPath', 'Reshaped', 'RunLockedError', 'TrainConfig', 'TrainResult',
     'TrainState', 'build_model', 'check_config', 'check_values', 'evaluate', 'fit', 'init_variables',
-    'learning_rate_schedule', 'load_config', 'load_path', 'make_optimizer', 'model_fields', 'preset', 'retrain_ticket',
+    'l0_extension', 'learning_rate_schedule', 'load_config', 'load_path', 'make_optimizer', 'model_fields', 'preset', 'retrain_ticket',
     'suggest_epoch', 'ticket_masks', 'write_plots',
 )

@@ -49,11 +49,14 @@ class ExtraTrainable(NamedTuple):
     forward: ``(params, extra, key) -> (params the model runs with, loss term)``.
     evaluate: ``(params, extra) -> params`` that the test accuracies see
       (``None``: the params themselves).
+    prepare: ``params -> params``, applied once to a fresh initialization
+      (e.g. the L0 paper's rescaling of the weights); ``None``: none.
   """
   init: Callable[[Params, jax.Array], Any]
   tx: optax.GradientTransformation
   forward: Callable[[Params, Any, jax.Array], tuple[Params, jax.Array]]
   evaluate: Optional[Callable[[Params, Any], Params]] = None
+  prepare: Optional[Callable[[Params], Params]] = None
 
 
 class Epoch(NamedTuple):

@@ -22,6 +22,7 @@ from dessilbi_jax import checkpoint
 from dessilbi_jax import data
 from dessilbi_jax.structure import compact
 from dessilbi_jax.train import extensions as ext
+from dessilbi_jax.train import l0_gates
 from dessilbi_jax.train import run_dir as files
 from dessilbi_jax.train import steps
 from dessilbi_jax.train.config import TrainConfig
@@ -81,7 +82,10 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
   """
   check_config(cfg)
   extensions = tuple(extensions)
-  if not any(e.name == compact.NAME for e in extensions):
+  if cfg.optimizer in l0_gates.L0_OPTIMIZERS and not any(e.name == l0_gates.NAME for e in extensions):
+    # The gates and multipliers trained beside the weights, and the purged network's metrics (no Γ: no compact).
+    extensions = (l0_gates.l0_extension(cfg),) + extensions
+  elif not any(e.name == compact.NAME for e in extensions):
     # The network surgery would give now: its accuracy, params and MACs, every epoch.
     extensions = (compact.compact_extension(),) + extensions
   ext.check_names(extensions)
@@ -137,6 +141,9 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
     model, info = steps.build_model(arch)
     variables = steps.init_variables(model, info.input_shape, init_key)
     params = variables['params']
+    for _, t in trainables:
+      if t.prepare is not None:
+        params = t.prepare(params)
     extra = {name: t.init(params, jax.random.fold_in(init_key, i)) for i, (name, t) in enumerate(trainables)}
     extra_opt = {name: t.tx.init(extra[name]) for name, t in trainables}
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get('batch_stats', {}),
@@ -405,12 +412,20 @@ def _summary_line(row: Mapping[str, Any], epochs: int, added: Mapping[str, Any] 
   if added.get('compact_test_acc') is not None:
     small = (f'  compact {percent(added["compact_test_acc"])} ({added["compact_params"]:,} params, '
              f'{added["compact_macs"]:,} MACs)')
-  for key in ('compact_test_acc', 'compact_params', 'compact_macs'):
+  if added.get('expected_density') is not None:   # an L0 run (train/l0_gates.py)
+    small += (f'  L0 density {percent(added["expected_density"])} (λ {added["multiplier_max"]:.3g})  purged '
+              f'{percent(added["purged_test_acc"])} ({added["purged_params"]:,} params, {added["purged_macs"]:,} MACs)')
+  for key in ('compact_test_acc', 'compact_params', 'compact_macs', 'expected_density', 'multipliers',
+              'multiplier_max', 'purged_test_acc', 'purged_params', 'purged_macs'):
     added.pop(key, None)
   # Structured values (per-layer tables) go to metrics.jsonl only; the line shows numbers and words.
   extra = small + ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
                           for key, value in added.items() if isinstance(value, (int, float, str)))
+  if row['sparse_test_acc'] is None:   # no Γ: the weights that are non-zero
+    structure = f'non-zero weights {percent(row["weights_kept"])}'
+  else:
+    structure = (f'sparse {percent(row["sparse_test_acc"])}  support: groups {percent(row["groups_kept"])}  '
+                 f'weights {percent(row["weights_kept"])}{kinds}')
   return (f'epoch {row["epoch"]:3d}/{epochs}  step {row["step"]:6d}  loss {row["train_loss"]:.4f}  '
           f'train {percent(row["train_acc"])}  test dense {percent(row["dense_test_acc"])}  '
-          f'sparse {percent(row["sparse_test_acc"])}  support: groups {percent(row["groups_kept"])}  '
-          f'weights {percent(row["weights_kept"])}{kinds}{extra}  ({row["seconds"]:.1f} s)')
+          f'{structure}{extra}  ({row["seconds"]:.1f} s)')

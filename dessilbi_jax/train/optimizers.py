@@ -16,7 +16,7 @@ from dessilbi_jax import target_density as targets
 if TYPE_CHECKING:
   from dessilbi_jax.train.config import TrainConfig
 
-OPTIMIZERS = ('dessilbi', 'sgd', 'adam') + baselines.BASELINES
+OPTIMIZERS = ('dessilbi', 'sgd', 'adam') + baselines.BASELINES + ('l0', 'l0_penalty')
 
 
 def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -29,7 +29,9 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
 
   ``'dessilbi'``: :func:`dessilbi_jax.dessilbi` with κ, ν, λ (conv kernels by
   filter, dense kernels by weight); ``'sgd'``: SGD with heavy-ball momentum;
-  ``'adam'``: AdamW; the names of :data:`dessilbi_jax.baselines.BASELINES`:
+  ``'adam'``: AdamW; ``'l0'``, ``'l0_penalty'``: the weights' SGD-momentum
+  of an L0-gated run (the gates train beside them:
+  :mod:`dessilbi_jax.train.l0_gates`); the names of :data:`dessilbi_jax.baselines.BASELINES`:
   :func:`dessilbi_jax.baselines.make_baseline` over ``cfg.epochs`` with
   ``cfg.sparsity`` (GMP) or ``cfg.penalty`` (group lasso). DessiLBI with
   ``cfg.target_density`` steers λ to it (``cfg.target_method``,
@@ -71,7 +73,7 @@ def _optimizer(name, lr, lr_decay_epochs, lr_decay, momentum, weight_decay, kapp
     return dl.dessilbi(schedule, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
                        lambdas=dict(lambdas) if isinstance(lambdas, tuple) else lambdas,
                        normalize_groups=normalize_groups, target_density=target)
-  if name == 'sgd':
+  if name in ('sgd', 'l0', 'l0_penalty'):
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=decayed),
                        optax.sgd(schedule, momentum=momentum or None))
   if name == 'adam':
