@@ -272,6 +272,11 @@ def _summary(history, out, seconds: float, train, target=None) -> str:
     lines[0] += (f', sparse {percent(last["sparse_test_acc"])} (W ⊙ 1[Γ≠0], keeping '
                  f'{percent(last["weights_kept"])} of the weights{kept}'
                  + (f'; target {percent(target)}' if target is not None else '') + ').')
+  elif last.get('expected_density') is not None:   # L0 gates
+    lines[0] += (f' with the median gates; L0 expected density {percent(last["expected_density"])}'
+                 + (f' (target {percent(target)})' if target is not None else '')
+                 + f'; purged network {percent(last["purged_test_acc"])} with {last["purged_params"]:,} params, '
+                 f'{last["purged_macs"]:,} MACs.')
   elif last['weights_kept'] is not None:
     lines[0] += f' ({percent(last["weights_kept"])} of the weights non-zero).'
   lines.append(f'Files in {out}/: metrics.jsonl, path.npz (the regularization path), plots/*.png, checkpoints/.')

@@ -146,6 +146,29 @@ def plot_widths(history: Sequence[Mapping], path) -> Figure:
   return _save(fig, path)
 
 
+def plot_density(history: Sequence[Mapping], path, target=None) -> Figure:
+  """The density of the network against epoch, with the target as a dashed line.
+
+  An L0 run: the gates' expected density (``expected_density``); a DessiLBI
+  run: the fraction of the structured weights in Γ's support (``weights_kept``).
+  """
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
+  epochs = [h['epoch'] for h in history]
+  l0 = any(h.get('expected_density') is not None for h in history)
+  key, label = (('expected_density', 'L0 gates: expected density') if l0 else
+                ('weights_kept', "DessiLBI: weights in Γ's support"))
+  ax.plot(epochs, [100 * h[key] if h.get(key) is not None else np.nan for h in history], marker='.', label=label)
+  if target is not None:
+    ax.axhline(100 * target, color='k', linestyle='--', linewidth=1, label=f'target {100 * target:g} %')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('density of the structured weights (%)')
+  ax.set_ylim(0, 105)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
 def _save(fig: Figure, path) -> Figure:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

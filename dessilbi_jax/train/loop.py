@@ -242,7 +242,8 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
       manager.wait_until_finished()
       manager.close()
   if writer and history:
-    files.write_plots(run_dir, history, path.entry_steps, steps_per_epoch, ticket=masks is not None)
+    files.write_plots(run_dir, history, path.entry_steps, steps_per_epoch, ticket=masks is not None,
+                      target_density=cfg.target_density)
   return TrainResult(state.params, state.batch_stats, state.opt_state, init_params, history, state,
                      arch.widths, resumed_from, arch.layer_widths)
 

@@ -203,11 +203,15 @@ def remove_new_files(run_dir: pathlib.Path, existed: bool, keep: tuple[str, ...]
       shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def write_plots(run_dir, history, entry_steps, steps_per_epoch: int, *, ticket: bool = False) -> None:
-  """``plots/accuracy.png``, ``plots/support.png`` and (with a path) ``plots/entry_steps.png``."""
+def write_plots(run_dir, history, entry_steps, steps_per_epoch: int, *, ticket: bool = False,
+                target_density=None) -> None:
+  """``plots/accuracy.png``, ``plots/support.png``, (with a path) ``plots/entry_steps.png`` and (with a
+  target density, or L0 gates) ``plots/density.png``."""
   plot_dir = pathlib.Path(run_dir) / 'plots'
   plots.plot_accuracy(history, plot_dir / 'accuracy.png', ticket=ticket)
   plots.plot_support(history, plot_dir / 'support.png', ticket=ticket)
+  if target_density is not None or any(h.get('expected_density') is not None for h in history):
+    plots.plot_density(history, plot_dir / 'density.png', target_density)
   if entry_steps:
     plots.plot_entry_steps(entry_steps, plot_dir / 'entry_steps.png', steps_per_epoch)
 
