@@ -24,10 +24,17 @@ the plain DessiLBI update against the same update with a target, interleaved,
 for the budget cap recomputed every ``--target-every`` steps (1 and 10 by
 default) and for dual ascent; written to ``results/update_speed_target.md``.
 
+With ``--lean`` it times the lean state (``dl.dessilbi(store_gamma=False)``:
+no Γ in the state, rebuilt from Z) interleaved against SGD-momentum and the
+plain DessiLBI update, with each one's optimizer-state bytes per parameter and
+the copies of arrays XLA left in its compiled update; written to
+``results/update_speed_lean.md``.
+
 Run::
 
   python -m benchmarks.update_speed [--repeats 40] [--runs 5] [--models vgg16 resnet56]
   python -m benchmarks.update_speed --target-density 0.3
+  python -m benchmarks.update_speed --lean [--runs 3] [--no-write]
 """
 
 from __future__ import annotations
@@ -69,13 +76,19 @@ class Runner:
     self.step = jax.jit(step, donate_argnums=(0, 1))
     self.grads = jax.tree.map(jnp.copy, grads)   # its own copy: no runner reads what another left in cache
     self.carry = (jax.tree.map(jnp.copy, params), tx.init(params))
-    hlo = self.step.lower(*self.carry, grads).compile().as_text()
+    compiled = self.step.lower(*self.carry, grads).compile()
+    hlo = compiled.as_text()
     entry = hlo[hlo.index('ENTRY'):]
     self.copies = entry.count(' copy(')
     self.array_copies = len(re.findall(r'= \w+\[[^\]]+\]\S* copy\(', entry))   # of buffers, not scalars
     self.fusions = entry.count(' fusion(')   # kernels launched per step
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.carry[1]))
     self.state_bytes_per_param = state_bytes / sum(x.size for x in jax.tree.leaves(params))
+    try:   # the update's temporaries (XLA's copies among them), allocated on every call
+      temp = compiled.memory_analysis().temp_size_in_bytes
+    except (AttributeError, NotImplementedError):
+      temp = float('nan')
+    self.temp_bytes_per_param = temp / sum(x.size for x in jax.tree.leaves(params))
     for _ in range(3):
       self()
     self.times = []
@@ -145,6 +158,44 @@ def measure_target(model_name: str, repeats: int, density: float, everys) -> dic
               **{name: paired(name) for name in variants}, copies=max(r.array_copies for r in runners.values()))
 
 
+def measure_lean(model_name: str, repeats: int) -> dict:
+  """The lean state's update against SGD-momentum and the stored DessiLBI update, interleaved."""
+  params, grads = param_tree(model_name)
+  runners = {'sgd': Runner(optax.sgd(0.1, momentum=0.9), params, grads),
+             'dessilbi': Runner(dl.dessilbi(0.1), params, grads),
+             'lean': Runner(dl.dessilbi(0.1, store_gamma=False), params, grads)}
+  for _ in range(repeats):
+    for runner in runners.values():
+      runner.timed()
+  paired = lambda a, b: statistics.median(x / y for x, y in zip(runners[a].times, runners[b].times))
+  return dict(model=model_name, params=sum(x.size for x in jax.tree.leaves(params)),
+              **{f'{n}_ms': 1e3 * statistics.median(r.times) for n, r in runners.items()},
+              **{f'{n}_bytes': r.state_bytes_per_param for n, r in runners.items()},
+              **{f'{n}_copies': r.array_copies for n, r in runners.items()},
+              **{f'{n}_temp': r.temp_bytes_per_param for n, r in runners.items()},
+              lean_sgd=paired('lean', 'sgd'), dessilbi_sgd=paired('dessilbi', 'sgd'),
+              lean_dessilbi=paired('lean', 'dessilbi'))
+
+
+def lean_table(rows: list[dict]) -> str:
+  """Per shape: the run with the median lean/SGD ratio, and the range of each ratio over the runs."""
+  lines = ['| parameter shapes | params | SGD-momentum | DessiLBI | lean DessiLBI | lean / SGD | DessiLBI / SGD '
+           '| lean / DessiLBI | state bytes / param (SGD, DessiLBI, lean) | temporaries, bytes / param (DessiLBI, lean) '
+           '| copies of arrays (DessiLBI, lean) |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for model in dict.fromkeys(r['model'] for r in rows):
+    mine = sorted((r for r in rows if r['model'] == model), key=lambda r: r['lean_sgd'])
+    r = mine[(len(mine) - 1) // 2]
+    cell = lambda key: (f"**{r[key]:.2f}**" + (f" ({min(x[key] for x in mine):.2f}–{max(x[key] for x in mine):.2f})"
+                                              if len(mine) > 1 else ''))
+    lines.append(f"| {model} | {r['params'] / 1e6:.2f} M | {r['sgd_ms']:.2f} ms | {r['dessilbi_ms']:.2f} ms | "
+                 f"{r['lean_ms']:.2f} ms | {cell('lean_sgd')} | {cell('dessilbi_sgd')} | {cell('lean_dessilbi')} | "
+                 f"{r['sgd_bytes']:.2f}, {r['dessilbi_bytes']:.2f}, {r['lean_bytes']:.2f} | "
+                 f"{r['dessilbi_temp']:.2f}, {r['lean_temp']:.2f} | "
+                 f"{r['dessilbi_copies']}, {r['lean_copies']} |")
+  return '\n'.join(lines)
+
+
 def target_table(rows: list[dict], runs: int) -> str:
   names = [k for k in rows[0] if k.startswith('budget') or k == 'dual']
   lines = ['| parameter shapes | plain DessiLBI update | ' + ' | '.join(f'{n}: time / plain' for n in names)
@@ -198,7 +249,20 @@ def main(argv=None):
   parser.add_argument('--target-density', type=float, default=None,
                       help='measure the per-step cost of dl.dessilbi(target_density=...) instead')
   parser.add_argument('--target-every', type=int, nargs='+', default=[1, 10])
+  parser.add_argument('--lean', action='store_true',
+                      help='time the lean state (store_gamma=False) against SGD-momentum and DessiLBI instead')
   args = parser.parse_args(argv)
+  if args.lean:
+    rows = [measure_lean(name, args.repeats) for name in args.models for _ in range(args.runs)]
+    text = (f'The lean state (dl.dessilbi(store_gamma=False), no Γ in the state) against SGD-momentum and the '
+            f'plain DessiLBI update: jitted update + optax.apply_updates, params and state donated, '
+            f'{args.repeats} interleaved rounds; times are medians, ratios the median of the per-round ratios; '
+            f'the run with the median lean / SGD ratio of {args.runs}, with the range over all of them.'
+            f'\n\nMachine: {machine()}.\n\n{lean_table(rows)}\n')
+    print(text)
+    if not args.no_write:
+      write_result('update_speed_lean', 'Update speed: the lean state', text)
+    return
   if args.target_density is not None:
     rows = [measure_target(name, args.repeats, args.target_density, args.target_every)
             for name in args.models for _ in range(args.runs)]

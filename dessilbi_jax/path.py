@@ -28,6 +28,7 @@ import optax
 
 from dessilbi_jax import grouping
 from dessilbi_jax.optimizer import DessiLBIState
+from dessilbi_jax.optimizer import gamma_of
 
 try:
   from flax import nnx as _nnx
@@ -83,13 +84,13 @@ def _merge(trees, path=()):
                             for key, children in zip(keys, zip(*(c for _, c, _ in split)))])
 
 
-def _field(opt_state, name: str):
+def _field(opt_state, name: str, of=getattr):
   states = find_states(opt_state)
   if not states:
     raise ValueError(
         'No DessiLBI state found in this optimizer state: pass the state of dl.dessilbi '
         f'or of an optax transformation built around it (got {type(opt_state).__name__}).')
-  return _merge([getattr(s, name) for s in states])
+  return _merge([of(s, name) for s in states])
 
 
 def _like_params(tree, params):
@@ -99,8 +100,13 @@ def _like_params(tree, params):
 
 
 def gamma(opt_state):
-  """The structure variable ``Γ``: a pytree with the params' structure."""
-  return _field(opt_state, 'gamma')
+  """The structure variable ``Γ``: a pytree with the params' structure.
+
+  A lean state (``dl.dessilbi(..., store_gamma=False)``) keeps no ``Γ``: it is
+  rebuilt from ``Z`` (:func:`dessilbi_jax.optimizer.gamma_of`), to the bit what
+  the stored one would be; so are the helpers below that read it.
+  """
+  return _field(opt_state, 'gamma', lambda s, _: gamma_of(s))
 
 
 def z(opt_state):

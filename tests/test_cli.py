@@ -124,12 +124,13 @@ def test_an_unprepared_dataset_fails_before_anything_is_written(data_dir, capsys
 def test_dataset_picks_its_preset_and_flags_override_it(data_dir, tmp_path):
   out = tmp_path / 'mnist1d'
   argv = ['train', '--dataset', 'mnist1d', '--widths', '4', '4', '4', '--batch-size', '500', '--epochs', '1',
-          '--lambda', 'filter=2', 'lasso=0.01', '--no-normalize-groups', '--quiet', '--data-dir', data_dir,
+          '--lambda', 'filter=2', 'lasso=0.01', '--no-normalize-groups', '--no-store-gamma', '--quiet', '--data-dir', data_dir,
           '--out', str(out)]
   assert cli.main(argv) == 0
   cfg = train.load_config(out)
   assert cfg == train.preset('mnist1d', widths=(4, 4, 4), batch_size=500, epochs=1,
-                             lambdas=(('filter', 2.0), ('lasso', 0.01)), normalize_groups=False, data_dir=data_dir)
+                             lambdas=(('filter', 2.0), ('lasso', 0.01)), normalize_groups=False, store_gamma=False,
+                             data_dir=data_dir)
   assert cfg.model == 'conv1d' and cfg.mu == train.PRESETS['mnist1d'].mu
   # The saved per-kind λ is read back for --resume.
   assert cli.main(['train', '--resume', '--out', str(out), '--epochs', '2', '--quiet']) == 0

@@ -221,3 +221,80 @@ def test_map_params_gives_each_state_leaf_its_params_spec():
                                                 'Dense_0': {'kernel': P('d', None), 'bias': None}}
   assert state_specs.entry_step == state_specs.gamma_scale == {
       'Conv_0': {'kernel': P(None, None, None, 'd'), 'bias': None}, 'Dense_0': {'kernel': P(None, None), 'bias': None}}
+
+
+# ----------------------------------------------------------------------------------------------
+# A lean state (store_gamma=False) in the same places
+
+
+def test_nnx_optimizer_with_a_lean_state_reads_as_the_stored_one():
+  """nnx.Optimizer (eager steps) with store_gamma=False: the helpers rebuild Γ off the optimizer to the
+  bit of the stored state's, and the models train alike."""
+  runs = {}
+  for store in (True, False):
+    model = _Net(nnx.Rngs(0))
+    plain_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, dl.dessilbi(0.5, mu=2.0, lambdas={'filter': 0.5, 'lasso': 0.05},
+                                                 store_gamma=store), wrt=nnx.Param)
+    for g in _grads(plain_params, steps=4):
+      nnx_grads = nnx.state(model, nnx.Param)
+      nnx.replace_by_pure_dict(nnx_grads, g)
+      optimizer.update(model, nnx_grads)
+    runs[store] = (model, optimizer)
+  (model, stored), (lean_model, lean) = runs[True], runs[False]
+  _assert_trees_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(lean_model, nnx.Param)))
+  _assert_trees_equal(dl.gamma(stored), dl.gamma(lean))
+  assert dl.sparsity_summary(model, stored) == dl.sparsity_summary(lean_model, lean)
+  assert 0 < dl.sparsity_summary(lean_model, lean)['dense/kernel']['weights_kept'] < 80
+  _assert_trees_equal(dl.sparse_params(model, stored), dl.sparse_params(lean_model, lean))
+
+
+@pytest.mark.parametrize('name', _PREFIX_WRAPPERS)
+def test_a_lean_state_under_prefix_masks_and_labels_is_the_stored_one(name):
+  make, prefix = _PREFIX_WRAPPERS[name]
+  lean_make = {'masked': lambda mask: optax.masked(dl.dessilbi(0.5, mu=2.0, lambdas=_LAMBDAS, store_gamma=False), mask),
+               'partition': lambda labels: optax.partition(
+                   {'a': dl.dessilbi(0.5, mu=2.0, lambdas=_LAMBDAS, store_gamma=False),
+                    'b': dl.dessilbi(0.3, mu=2.0, lambdas=_LAMBDAS, store_gamma=False)}, labels)}[name]
+  params = _params()
+  grads = _grads(params, steps=8)
+  got_params, got_state = _run(lean_make(prefix), params, grads)
+  ref_params, ref_state = _run(make(prefix), params, grads)
+  _assert_trees_equal(got_params, ref_params)
+  _assert_trees_equal(dl.gamma(got_state), dl.gamma(ref_state))
+  assert dl.sparsity_summary(got_params, got_state) == dl.sparsity_summary(ref_params, ref_state)
+  _assert_trees_equal(dl.prune_by_order(got_params, got_state, 0.5), dl.prune_by_order(ref_params, ref_state, 0.5))
+
+
+def test_map_params_and_a_checkpoint_of_a_lean_state(tmp_path):
+  """A lean state's specs (no Γ; a lasso leaf's κ and λ are scalars: P()), and an orbax checkpoint of it
+  restores to the same arrays, from which the step goes on as it would have."""
+  from dessilbi_jax import checkpoint
+  params = _params()
+  specs = {'Conv_0': {'kernel': P(None, None, None, 'd'), 'bias': P('d')},
+           'Dense_0': {'kernel': P('d', None), 'bias': P()}}
+  tx = dl.dessilbi(0.5, mu=2.0, lambdas=_LAMBDAS, store_gamma=False)
+  grads = _grads(params, steps=6)
+  trained, state = _run(tx, params, grads[:3])
+  state_specs = optax.tree.map_params(tx, dl.optimizer.state_spec, state, specs,
+                                      transform_non_params=lambda _: P(), is_leaf=lambda x: x is None)
+  assert state_specs.gamma == {'Conv_0': {'kernel': None, 'bias': None}, 'Dense_0': {'kernel': None, 'bias': None}}
+  assert state_specs.gamma_kappa == state_specs.gamma_lambda == {
+      'Conv_0': {'kernel': None, 'bias': None}, 'Dense_0': {'kernel': P(), 'bias': None}}
+  assert state_specs.z == {'Conv_0': {'kernel': P(None, None, None, 'd'), 'bias': None},
+                           'Dense_0': {'kernel': P('d', None), 'bias': None}}
+  manager = checkpoint.open_manager(tmp_path)
+  checkpoint.save(manager, 1, {'params': trained, 'opt_state': state}, {'epoch': 1})
+  manager.wait_until_finished()
+  manager.close()
+  restored, _ = checkpoint.restore(tmp_path, {'params': trained, 'opt_state': state})
+  _assert_trees_equal(restored['opt_state'], jax.device_get(state))
+  on = lambda p, s: _run_from(tx, p, s, grads[3:])
+  _assert_trees_equal(on(restored['params'], restored['opt_state']), on(trained, state))
+
+
+def _run_from(tx, params, state, grads):
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  for g in grads:
+    params, state = step(params, state, g)
+  return params, dl.gamma(state)

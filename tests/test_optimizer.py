@@ -690,6 +690,32 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     for a, b in zip(jax.tree.leaves((e_params, e_state)), jax.tree.leaves((r_params, r_state))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     print('explicit sharding: state sharded like the params')
+
+    # A lean state (store_gamma=False), sharded the same way: no all-gather, and the stored run's numbers;
+    # under sharding in types too (its edge reads the step count, not a sharded buffer).
+    lean = dl.dessilbi(0.1, mu=2.0, lambdas={'lasso': 0.2, 'filter': 0.8}, store_gamma=False)
+    def lean_update(params, state, grads):
+      updates, state = lean.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    lean_step = jax.jit(lean_update, donate_argnums=(0, 1))
+    l_params, l_state = shard(params), shard(lean.init(params))
+    hlo = lean_step.lower(l_params, l_state, shard(grads[0])).compile().as_text()
+    assert not re.findall(r' all-gather[-\\w]*\\(', hlo), 'all-gathers in the lean sharded update'
+    for g in grads:
+      l_params, l_state = lean_step(l_params, l_state, shard(g))
+    for a, b in zip(jax.tree.leaves((s_params, s_state.z, s_state.entry_step, s_state.gamma)),
+                    jax.tree.leaves((l_params, l_state.z, l_state.entry_step, dl.gamma(l_state)))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with jax.set_mesh(explicit):
+      e_params = {k: jax.device_put(v, NamedSharding(explicit, specs[k])) for k, v in params.items()}
+      e_lean = lean.init(e_params)
+      for g in grads:
+        e_params, e_lean = jax.jit(lean_update)(e_params, e_lean, {
+            k: jax.device_put(v, NamedSharding(explicit, specs[k])) for k, v in g.items()})
+      assert padded(e_lean.z['conv'].sharding.spec, 4) == (None, None, None, 'd')
+    for a, b in zip(jax.tree.leaves((r_params, r_state.gamma)), jax.tree.leaves((e_params, dl.gamma(e_lean)))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    print('lean state: sharded, the same numbers')
 ''')
 
 
@@ -700,6 +726,168 @@ def test_sharded_params_under_jit():
   out = _run_on_four_host_devices(_SHARDED_SCRIPT)
   assert 'sharded update matches' in out and 'without edges: no collectives' in out
   assert 'explicit sharding: state sharded like the params' in out
+  assert 'lean state: sharded, the same numbers' in out
+
+
+# ----------------------------------------------------------------------------------------------
+# A lean state (store_gamma=False): no Γ in the state, every number as with Γ stored, to the bit.
+
+
+def _steps_of(tx, params, grads, change=None):
+  """The final (params, state) of ``tx`` under jax.jit; ``change(k, state)`` may edit the state before step k."""
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step)
+  params = _nest(dict(params))
+  state = tx.init(params)
+  for k, g in enumerate(grads):
+    if change is not None:
+      state = change(k, state)
+    params, state = step(params, state, _nest(dict(g)))
+  return params, state
+
+
+def assert_lean_is_stored(stored, lean):
+  """Params, every state field and dl.gamma of a lean run equal the stored run's, bit for bit."""
+  (p_stored, s_stored), (p_lean, s_lean) = stored, lean
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p_stored)[0], jax.tree.leaves(p_lean)):
+    np.testing.assert_array_equal(a, b, err_msg=f'W {jax.tree_util.keystr(path)}')
+  inner_stored, = dl.find_states(s_stored)
+  inner_lean, = dl.find_states(s_lean)
+  assert all(g is None for g in jax.tree.leaves(inner_lean.gamma, is_leaf=lambda x: x is None))
+  assert inner_stored.gamma_kappa is None and inner_stored.gamma_lambda is None
+  assert int(inner_stored.count) == int(inner_lean.count)
+  for field in ('momentum', 'z', 'gamma_scale', 'entry_step', 'threshold'):
+    a, b = getattr(inner_stored, field), getattr(inner_lean, field)
+    assert jax.tree.structure(a) == jax.tree.structure(b), field
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+      assert x.dtype == y.dtype, (field, path)
+      np.testing.assert_array_equal(x, y, err_msg=f'{field} {jax.tree_util.keystr(path)}')
+  gam_stored, gam_lean = dl.gamma(s_stored), dl.gamma(s_lean)
+  assert jax.tree.structure(gam_stored, is_leaf=lambda x: x is None) == jax.tree.structure(
+      gam_lean, is_leaf=lambda x: x is None)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(gam_stored)[0], jax.tree.leaves(gam_lean)):
+    assert x.dtype == y.dtype, path
+    np.testing.assert_array_equal(x, y, err_msg=f'Γ {jax.tree_util.keystr(path)}')
+    assert np.array_equal(np.signbit(np.asarray(x, np.float32)), np.signbit(np.asarray(y, np.float32))), path
+
+
+def _assert_entered_along_the_path(state):
+  """Every structured leaf has groups in Γ's support and outside it, entered at many steps."""
+  entry = {k: np.asarray(v) for k, v in _flat(dl.entry_step(state)).items() if v is not None}
+  _assert_some_but_not_all_entered({'entry': entry})
+
+
+_LEAN_CASES = {
+    'every_kind_momentum_weight_decay': dict(groups=_EVERY_KIND, weight_decay=0.005, kappa=1.7),
+    'every_kind_nesterov_normalized': dict(groups=_EVERY_KIND, normalize=True, nesterov=True, kappa=2.0,
+                                           lambdas=_LAMBDAS_NORMALIZED, weight_decay=0.005),
+    'default_grouping_no_momentum': dict(momentum=0.0, kappa=0.7),
+}
+
+
+@pytest.mark.parametrize('edges', ['cpu_default', 'in_sequence', 'none'])
+@pytest.mark.parametrize('case', _LEAN_CASES)
+def test_lean_state_gives_the_stored_states_numbers_to_the_bit(case, edges, monkeypatch):
+  """50 steps of every group kind (filter, neuron, input, head, lasso, none): W, b, Z, s, the entry
+  steps and Γ (rebuilt by dl.gamma) equal the stored run's bit for bit; with the CPU's ordering
+  edges, with every leaf updated in sequence, and without edges (what GPU and TPU get)."""
+  hyper = _hyper(**_LEAN_CASES[case])
+  if edges == 'in_sequence':
+    monkeypatch.setattr(cpu_schedule, 'SEQUENTIAL_MIN_SIZE', 1)
+  params, grads = _lenet_problem()
+  make = lambda store: dl.dessilbi(
+      hyper['alpha'], kappa=hyper['kappa'], mu=hyper['mu'], momentum=hyper['momentum'], nesterov=hyper['nesterov'],
+      weight_decay=hyper['weight_decay'], groups=hyper['groups'], lambdas=hyper['lambdas'],
+      normalize_groups=hyper['normalize'], ordering_edges=False if edges == 'none' else None, store_gamma=store)
+  stored, lean = _steps_of(make(True), params, grads), _steps_of(make(False), params, grads)
+  _assert_entered_along_the_path(lean[1])
+  assert_lean_is_stored(stored, lean)
+
+
+@pytest.mark.parametrize('dtype, state_dtype', [(jnp.bfloat16, jnp.float32), (jnp.bfloat16, None)])
+def test_lean_state_with_low_precision_params_is_the_stored_one(dtype, state_dtype):
+  params, grads = _lenet_problem()
+  cast = lambda tree: {p: np.asarray(x).astype(dtype) for p, x in tree.items()}
+  params, grads = cast(params), [cast(g) for g in grads]
+  make = lambda store: dl.dessilbi(0.1, kappa=1.7, mu=10.0, groups=_EVERY_KIND, lambdas=_LAMBDAS, weight_decay=0.005,
+                                   state_dtype=state_dtype, store_gamma=store)
+  stored, lean = _steps_of(make(True), params, grads), _steps_of(make(False), params, grads)
+  _assert_entered_along_the_path(lean[1])
+  assert_lean_is_stored(stored, lean)
+
+
+def test_lean_state_under_inject_hyperparams_changing_lambda_and_kappa_mid_run():
+  """κ, λ, α, ν and β changed in the injected state at step 20, λ again at 35: the lasso leaves'
+  Γ_k is rebuilt with the κ and λ that made it, not the new ones, so the numbers stay the stored run's."""
+  params, grads = _lenet_problem()
+
+  def change(k, state):
+    if k == 20:
+      state.hyperparams.update({name: jnp.asarray(value, jnp.float32) for name, value in dict(
+          learning_rate=0.15, kappa=1.6, mu=8.0, momentum=0.8, lambdas=0.14).items()})
+    if k == 35:
+      state.hyperparams['lambdas'] = jnp.asarray(0.1, jnp.float32)
+    return state
+
+  make = lambda store: optax.inject_hyperparams(dl.dessilbi, static_args=('groups',))(
+      learning_rate=0.1, kappa=1.0, mu=10.0, momentum=0.9, weight_decay=0.005, lambdas=0.11,
+      normalize_groups=True, groups=_EVERY_KIND, store_gamma=store)
+  stored, lean = _steps_of(make(True), params, grads, change), _steps_of(make(False), params, grads, change)
+  assert_lean_is_stored(stored, lean)
+  inner = lean[1].inner_state
+  assert float(inner.gamma_kappa['Conv_0']['kernel']) == np.float32(1.6)
+  assert float(inner.gamma_lambda['Conv_0']['kernel']) == np.float32(0.1)
+  entered = np.concatenate([np.ravel(e) for e in jax.tree.leaves(inner.entry_step)])
+  assert np.any(entered > 35) and np.any((entered > 0) & (entered <= 20)) and np.any(entered < 0)
+
+
+@pytest.mark.parametrize('case', ['every_kind', 'every_kind_normalized'])
+def test_lean_state_matches_reference(case):
+  hyper = _hyper(**REFERENCE_CASES[case])
+  params, grads = _lenet_problem()
+  tx = dl.dessilbi(hyper['alpha'], kappa=hyper['kappa'], mu=hyper['mu'], momentum=hyper['momentum'],
+                   nesterov=hyper['nesterov'], weight_decay=hyper['weight_decay'], groups=hyper['groups'],
+                   lambdas=hyper['lambdas'], normalize_groups=hyper['normalize'], store_gamma=False)
+  final_params, state = _library_run(tx, params, grads)
+  ref = _reference_run(params, grads, **hyper)
+  _assert_some_but_not_all_entered(ref)
+  _assert_matches_reference(final_params, state._replace(gamma=dl.gamma(state)), ref)
+
+
+def test_lean_state_holds_momentum_z_and_per_group_arrays_only():
+  """8 bytes of state per float32 weight, plus a per-group scale and entry step and two scalars per
+  lasso leaf; stable in structure, shapes and dtypes, so the step compiles once (also injected)."""
+  params, grads = _small_params()
+  for tx in (dl.dessilbi(0.1, mu=2.0, lambdas=0.3, store_gamma=False),
+             optax.inject_hyperparams(dl.dessilbi)(learning_rate=0.1, mu=2.0, lambdas=0.3, store_gamma=False)):
+    traces = []
+
+    @jax.jit
+    def step(params, state, grads):
+      traces.append(1)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    p, initial = params, tx.init(params)
+    state = initial
+    for g in grads:
+      p, state = step(p, state, g)
+      chex.assert_trees_all_equal_structs(initial, state)
+      chex.assert_trees_all_equal_shapes_and_dtypes(initial, state)
+    assert len(traces) == 1
+  # Γ's buffers are gone (4 bytes per structured float32 weight); each lasso leaf keeps two scalars.
+  lean, stored = dl.dessilbi(0.1, store_gamma=False).init(params), dl.dessilbi(0.1).init(params)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  structured = sum(w.size for w in jax.tree.leaves(params) if w.ndim >= 2)
+  assert nbytes(stored) - nbytes(lean) == 4 * structured - 2 * 4
+  assert jax.tree.leaves(lean.gamma) == [] and nbytes(lean.momentum) + nbytes(lean.z) == nbytes(stored.momentum) + (
+      nbytes(stored.z))
+  assert lean.gamma_kappa['Conv_0'] == {'kernel': None, 'bias': None} and lean.gamma_kappa['Dense_0']['bias'] is None
+  for field in (lean.gamma_kappa, lean.gamma_lambda):
+    assert field['Dense_0']['kernel'].shape == () and field['Dense_0']['kernel'].dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,6 +906,9 @@ def test_sharded_params_under_jit():
     (dict(weight_decay=-1e-4), '`weight_decay` must be >= 0'),
     (dict(lambdas={'filters': 1.0}), r"unknown group kind\(s\) \['filters'\]"),
     (dict(lambdas=-1.0), '`lambdas` must be >= 0'),
+    (dict(store_gamma='no'), '`store_gamma` must be True or False'),
+    (dict(store_gamma=0), '`store_gamma` must be True or False'),
+    (dict(store_gamma=None), '`store_gamma` must be True or False'),
 ])
 def test_bad_hyperparameters_raise_at_construction(kwargs, match):
   kwargs = dict(dict(learning_rate=0.1), **kwargs)

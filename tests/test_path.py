@@ -40,15 +40,15 @@ def _inner_states(name, state):
   return {p: conv if p.startswith('Conv') else dense for p in paths}
 
 
-def _make(name):
-  plain = lambda lambdas=_LAMBDAS: dl.dessilbi(0.1, mu=2.0, lambdas=lambdas)
+def _make(name, store_gamma=True):
+  plain = lambda lambdas=_LAMBDAS: dl.dessilbi(0.1, mu=2.0, lambdas=lambdas, store_gamma=store_gamma)
   if name == 'plain':
     return plain()
   if name == 'chained':
     return optax.chain(optax.clip_by_global_norm(1.0), plain())
   if name == 'injected':
     return optax.inject_hyperparams(dl.dessilbi)(learning_rate=0.1, mu=2.0, lambdas=0.25,
-                                                 normalize_groups=True)
+                                                 normalize_groups=True, store_gamma=store_gamma)
   if name == 'masked':
     return optax.masked(plain(), _MASK)
   # Two DessiLBI transformations with different λ, one per part of the params.
@@ -128,6 +128,54 @@ def test_helpers_read_the_states_own_arrays(name, runs):
     assert 0 < in_support.sum() < in_support.size, f'{path}: vacuous, {in_support.sum()} in support'
     assert summary[path] == dict(kind=kind, groups=in_support.size, groups_in_support=int(in_support.sum()),
                                  weights=w.size, weights_kept=int(np.count_nonzero(g)))
+
+
+@pytest.fixture(scope='module')
+def lean_runs():
+  params, grads = _params_and_grads()
+  return {name: _run(_make(name, store_gamma=False), params, grads) for name in WRAPPERS}
+
+
+def _assert_trees_equal(a, b, what):
+  is_none = lambda x: x is None
+  assert jax.tree.structure(a, is_leaf=is_none) == jax.tree.structure(b, is_leaf=is_none), what
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype, (what, path)
+    np.testing.assert_array_equal(x, y, err_msg=f'{what} {jax.tree_util.keystr(path)}')
+
+
+@pytest.mark.parametrize('name', WRAPPERS)
+def test_every_helper_reads_a_lean_state_as_the_stored_one(name, runs, lean_runs):
+  """store_gamma=False keeps no Γ; every helper rebuilds it and gives the stored state's values,
+  bit for bit, under every wrapper (two lean states merged under optax.partition)."""
+  (params, state), (lean_params, lean) = runs[name], lean_runs[name]
+  _assert_trees_equal(params, lean_params, 'W')
+  assert all(g is None for s in dl.find_states(lean) for g in jax.tree.leaves(s.gamma, is_leaf=lambda x: x is None))
+  assert len(dl.find_states(lean)) == len(dl.find_states(state))
+  for helper in (dl.gamma, dl.z, dl.entry_step, dl.support):
+    _assert_trees_equal(helper(state), helper(lean), helper.__name__)
+  _assert_trees_equal(dl.sparse_params(params, state), dl.sparse_params(params, lean), 'sparse_params')
+  _assert_trees_equal(jax.jit(dl.sparse_params)(params, state), jax.jit(dl.sparse_params)(params, lean), 'jit')
+  assert dl.sparsity_summary(params, state) == dl.sparsity_summary(params, lean)
+  for fraction in (0.3, 0.7):
+    _assert_trees_equal(dl.prune_by_order(params, state, fraction), dl.prune_by_order(params, lean, fraction), 'prune')
+  _assert_trees_equal(dl.prune_by_order(params, state, 0.5, leaves=['Dense_0/kernel']),
+                      dl.prune_by_order(params, lean, 0.5, leaves=['Dense_0/kernel']), 'prune one leaf')
+  assert any(bool(np.any(s)) and not bool(np.all(s)) for s in jax.tree.leaves(dl.support(lean)))
+
+
+def test_a_nan_lean_state_is_reported_as_not_finite():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.zeros(4)}, 'dense': {'kernel': jnp.ones((4, 3))}}
+  tx = dl.dessilbi(0.5, mu=1.0, lambdas=0.01, store_gamma=False)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  for grads in (bad, params):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert bool(jnp.all(jnp.isnan(dl.gamma(state)['conv']['kernel'])))
+  assert bool(jnp.all(jnp.isnan(dl.gamma(state)['dense']['kernel'])))
+  with pytest.raises(ValueError, match=r"Γ of leaf 'conv/kernel' holds 36 NaN or infinite values"):
+    dl.sparsity_summary(params, state)
 
 
 @pytest.mark.parametrize('name', WRAPPERS)

@@ -367,6 +367,46 @@ def test_optimizer_state_is_sliced_like_the_params():
   assert jax.tree.structure(small_vars['params']) == jax.tree.structure(dl.z(small_state), is_leaf=lambda v: v is None)
 
 
+def _assert_same_trees(a, b, what):
+  is_none = lambda v: v is None
+  assert jax.tree.structure(a, is_leaf=is_none) == jax.tree.structure(b, is_leaf=is_none), what
+  for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_array_equal(u, v, err_msg=f'{what} {jax.tree_util.keystr(path)}')
+
+
+def test_surgery_on_a_lean_state_is_surgery_on_the_stored_one():
+  """remove and widen slice a lean state (store_gamma=False: Γ None, κ and λ scalars on lasso leaves)
+  like the stored one: Γ rebuilt from the sliced Z and s is the stored Γ sliced, and a step after
+  removing gives the same numbers from either state."""
+  model, variables, x, unit_map = _case('residual_flatten')
+  labels = jnp.arange(2) % 3
+  make = lambda store: dl.dessilbi(0.1, mu=1.0, kappa=1.3, lambdas=0.01, groups={'Dense_0/kernel': 'neuron'},
+                                   store_gamma=store)
+  txs = {store: make(store) for store in (True, False)}
+  runs = {store: _steps(model, variables, tx, tx.init(variables['params']), x, labels, steps=3)
+          for store, tx in txs.items()}
+  _assert_same_trees(runs[True][0], runs[False][0], 'W')
+  trained = {**variables, 'params': runs[True][0]}
+  states = (runs[True][1], runs[False][1])   # both sliced in one call: any tree of optax states is
+  assert states[1].gamma_kappa['Dense_1']['kernel'] is not None   # a lasso leaf
+  keep = _random_keep(unit_map, seed=5)
+  small, small_vars, removed = structure.remove(model, trained, unit_map, keep, states)
+  _, _, widened = structure.widen(model, trained, unit_map, {g.name: 2 for g in unit_map.prunable()},
+                                  jax.random.key(3), states)
+  for op, (stored, lean) in (('remove', removed), ('widen', widened)):
+    assert all(g is None for g in jax.tree.leaves(lean.gamma, is_leaf=lambda v: v is None))
+    for helper in (dl.gamma, dl.z, dl.entry_step, dl.support):
+      _assert_same_trees(helper(stored), helper(lean), f'{op}: {helper.__name__}')
+    _assert_same_trees(stored.gamma_scale, lean.gamma_scale, f'{op}: s')
+    _assert_same_trees(stored.momentum, lean.momentum, f'{op}: b')
+    assert lean.gamma_kappa['Dense_1']['kernel'] == states[1].gamma_kappa['Dense_1']['kernel']
+    assert any(bool(np.any(s)) for s in jax.tree.leaves(dl.support(lean)))
+  assert dl.sparsity_summary(small_vars['params'], removed[0]) == dl.sparsity_summary(small_vars['params'], removed[1])
+  after = {store: _steps(small, small_vars, txs[store], st, x, labels, steps=1) for store, st in zip((True, False), removed)}
+  _assert_same_trees(after[True][0], after[False][0], 'W after a step')
+  _assert_same_trees(dl.gamma(after[True][1]), dl.gamma(after[False][1]), 'Γ after a step')
+
+
 @pytest.mark.parametrize('name', ['lenet5', 'resnet20'])
 def test_a_dessilbi_step_on_the_removed_network_is_the_step_on_the_masked_one(name):
   model, variables, x, unit_map = _case(name)

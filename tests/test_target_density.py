@@ -230,3 +230,54 @@ def test_train_command_with_a_target_density(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(message, err), (argv, err)
     assert not (tmp_path / 'bad').exists()
+
+
+# -- a lean state (store_gamma=False) under a target -----------------------------------------------
+
+def _assert_same_run(stored, lean):
+  """Every step of two runs: params, Z, s, entry steps, thresholds and Γ (dl.gamma), bit for bit."""
+  for k, ((p_a, s_a), (p_b, s_b)) in enumerate(zip(stored, lean)):
+    assert all(g is None for g in jax.tree.leaves(s_b.gamma, is_leaf=lambda x: x is None))
+    for name, a, b in (('W', p_a, p_b), ('Z', s_a.z, s_b.z), ('s', s_a.gamma_scale, s_b.gamma_scale),
+                       ('entry', s_a.entry_step, s_b.entry_step), ('t', s_a.threshold, s_b.threshold),
+                       ('b', s_a.momentum, s_b.momentum), ('Γ', s_a.gamma, dl.gamma(s_b))):
+      assert jax.tree.structure(a) == jax.tree.structure(b), (k, name)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=f'step {k}: {name}')
+
+
+@pytest.mark.parametrize('target', [target_density.Target(0.3, method='budget'),
+                                    target_density.Target(0.3, scope='layer', every=10, method='budget'),
+                                    target_density.Target(0.3, method='dual', rate=0.5),
+                                    target_density.Target(0.5, method='dual', rate=0.05, lam_min=0.0)],
+                         ids=['budget', 'budget_layer_every_10', 'dual', 'dual_floor_0'])
+def test_lean_state_under_a_target_is_the_stored_one(target):
+  """The lasso leaf's Γ_k is rebuilt with the effective λ that made it (with the state's threshold),
+  not with the one the step finds: 100 steps equal the stored run's bit for bit."""
+  stored, _ = _run(target, 100, kappa=1.3)
+  lean, _ = _run(target, 100, kappa=1.3, store_gamma=False)
+  _assert_same_run(stored, lean)
+  thresholds = {float(s.threshold['dense']) for _, s in lean}
+  assert len(thresholds) > 3   # λ moved
+  lam = lean[-1][1].gamma_lambda['dense']
+  t = lean[-1][1].threshold['dense']   # the state's threshold made its Γ (the search runs within the step)
+  assert float(lam) == float(jnp.asarray(target_density.effective_lambda(LAM, t, target.method), jnp.float32))
+
+
+def test_lean_state_under_inject_hyperparams_changing_the_target_and_lambda():
+  params, grad = _problem()
+  runs = []
+  for store in (True, False):
+    p = params
+    tx = optax.inject_hyperparams(dl.dessilbi, static_args=('groups',))(
+        learning_rate=ALPHA, mu=MU, lambdas=LAM, kappa=1.0, groups=lambda path, w: KINDS[path], target_density=0.4,
+        store_gamma=store)
+    state, update, history = tx.init(p), jax.jit(tx.update), []
+    for k in range(160):
+      if k == 80:
+        state.hyperparams.update(target_density=jnp.asarray(0.2), lambdas=jnp.asarray(0.3), kappa=jnp.asarray(1.4))
+      updates, state = update(grad(p), state, p)
+      p = optax.apply_updates(p, updates)
+      history.append((p, state.inner_state))
+    runs.append(history)
+  _assert_same_run(*runs)

@@ -284,3 +284,25 @@ def test_config_json_round_trips_per_kind_lambdas(tiny, tmp_path):
     states.append(state)
   _assert_trees_equal(dl.gamma(states[0]), dl.gamma(states[1]))
   assert any(np.any(s) for s in jax.tree.leaves(dl.support(states[0])))
+
+
+def test_a_lean_state_run_writes_the_stored_runs_files(run, tiny, tmp_path):
+  """store_gamma=False (a lean DessiLBI state): the same metrics, path.npz and final numbers as the
+  stored run's, bit for bit, and it resumes from its checkpoint to the straight run's state."""
+  out, stored = run
+  lean_cfg = dataclasses.replace(tiny, store_gamma=False)
+  lean_out = tmp_path / 'lean'
+  train.fit(dataclasses.replace(lean_cfg, epochs=1), lean_out, quiet=True)
+  lean = train.fit(lean_cfg, lean_out, resume=True, quiet=True)
+  inner, = dl.find_states(lean.opt_state)
+  assert all(g is None for g in jax.tree.leaves(inner.gamma, is_leaf=lambda x: x is None))
+  untimed = lambda history: [{k: v for k, v in h.items() if k != 'seconds'} for h in history]
+  assert untimed(lean.history) == untimed(stored.history)
+  _assert_trees_equal(lean.params, stored.params)
+  _assert_trees_equal(dl.gamma(lean.opt_state), dl.gamma(stored.opt_state))
+  _assert_trees_equal(dl.entry_step(lean.opt_state), dl.entry_step(stored.opt_state))
+  lean_path, stored_path = train.load_path(lean_out), train.load_path(out)
+  assert sorted(lean_path) == sorted(stored_path)
+  for key in stored_path:
+    np.testing.assert_array_equal(lean_path[key], stored_path[key], err_msg=key)
+  assert train.load_config(lean_out) == lean_cfg

@@ -5,6 +5,12 @@ timings: with params and state donated, XLA must not copy W, Z or Γ (see
 ``dessilbi_jax.cpu_schedule``), and the number of full passes over a conv kernel's
 buffers stays at the design's 13 (SGD-momentum: 6). The layout is the CPU
 backend's; elsewhere XLA fuses the writes itself and these tests are skipped.
+
+A lean state (``store_gamma=False``) cannot be updated without a copy on the
+CPU: W's update reads Z_k (Γ_k = s·Z_k) while Z's overwrites Z in place and reads
+W_k, and the CPU backend forms no multi-output fusion that would do both in one
+loop. XLA copies Z_k once per structured leaf (one read, one write), in place of
+the stored Γ's read by W and its write: the same passes as with Γ stored.
 """
 
 import re
@@ -135,3 +141,52 @@ def test_target_density_update_copies_no_buffer_and_adds_no_pass_over_grouped_le
   entry = hlo[hlo.index('ENTRY'):]
   assert re.findall(r'= \w+\[[^\]]+\]\S* copy\(', entry) == []
   assert _full_passes(hlo, '3,3,16,32') == 13
+
+
+def _copied(hlo: str) -> list[tuple[str, str]]:
+  """(shape, operand) of every copy of an array in the entry computation."""
+  return re.findall(r'= \w+\[([^\]]+)\]\S* copy\((%\S+)\)', hlo[hlo.index('ENTRY'):])
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(),
+    dict(nesterov=True, weight_decay=1e-4),
+    dict(groups={'dense/kernel': 'neuron', 'attn/kernel': 'head'}, normalize_groups=True),
+    dict(groups={'dense/kernel': 'input'}, momentum=0.0),
+    dict(target_density=target_density.Target(0.3, method='dual')),
+])
+@pytest.mark.parametrize('sequential_min_size', [cpu_schedule.SEQUENTIAL_MIN_SIZE, 1])
+def test_lean_update_copies_each_z_once_and_takes_the_stored_updates_passes(kwargs, sequential_min_size, monkeypatch):
+  """store_gamma=False: one copy per structured leaf, of its Z_k, and nothing else; the passes over
+  each leaf's buffers are the stored update's (13 over a filter leaf, 15 over a lasso leaf by default):
+  the copy's read and write stand in for W's read of Γ_k and Γ's write."""
+  monkeypatch.setattr(cpu_schedule, 'SEQUENTIAL_MIN_SIZE', sequential_min_size)
+  params = _params()
+  lean = _compiled_step(dl.dessilbi(0.1, store_gamma=False, **kwargs), params)
+  stored = _compiled_step(dl.dessilbi(0.1, **kwargs), params)
+  assert sorted(_copied(lean)) == [('128,64', '%state_z__dense____kernel__.1'),
+                                   ('3,3,16,32', '%state_z__conv____kernel__.1'),
+                                   ('64,4,16', '%state_z__attn____kernel__.1')]
+  for shape in ('3,3,16,32', '128,64', '64,4,16'):
+    assert _full_passes(lean, shape) == _full_passes(stored, shape), shape
+  if not kwargs:
+    assert [_full_passes(lean, shape) for shape in ('3,3,16,32', '128,64', '64,4,16')] == [13, 15, 13]
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_lean_update_with_low_precision_params_copies_each_z_once(dtype):
+  params = jax.tree.map(lambda x: x.astype(dtype), _params())
+  hlo = _compiled_step(dl.dessilbi(0.1, state_dtype=jnp.float32, store_gamma=False), params)
+  assert sorted(shape for shape, _ in _copied(hlo)) == ['128,64', '3,3,16,32', '64,4,16']
+  assert all(operand.startswith('%state_z__') for _, operand in _copied(hlo))
+  assert _full_passes(hlo, '3,3,16,32') == 13
+
+
+def test_lean_update_without_ordering_edges_copies_twice():
+  """Without the edges XLA copies Z_k and W_k of every structured leaf (15 passes over a filter leaf,
+  the stored update without edges takes 19): the edges still order the lean update's writes."""
+  params = _params()
+  hlo = _compiled_step(dl.dessilbi(0.1, store_gamma=False, ordering_edges=False), params)
+  big = sorted(operand.split('__')[0] for shape, operand in _copied(hlo) if shape in ('3,3,16,32', '128,64', '64,4,16'))
+  assert big == ['%params'] * 3 + ['%state_z'] * 3
+  assert _full_passes(hlo, '3,3,16,32') == 15

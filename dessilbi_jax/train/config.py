@@ -48,6 +48,8 @@ class TrainConfig:
       not named get λ = 1), e.g. ``(('filter', 1.0), ('lasso', 0.03))``.
     normalize_groups: measure a group by ‖z_g‖ / √(group size) in the
       proximal map, so that one λ suits filters and single weights.
+    store_gamma: DessiLBI keeps Γ in its state (``False``: a lean state, Γ
+      rebuilt from Z when read; the same numbers, 4 bytes less per weight).
     sparsity: ``gmp``, ``gmp_structured``: the fraction of groups pruned at
       the end (:func:`dessilbi_jax.baselines.make_baseline`).
     penalty: ``prox_group_lasso``: the weight of the penalty penalty·Σ_g ‖W_g‖₂
@@ -87,6 +89,7 @@ class TrainConfig:
   mu: float = 20.0
   lambdas: Lambdas = 0.2
   normalize_groups: bool = True
+  store_gamma: bool = True
   sparsity: float = 0.9
   penalty: float = 1e-3
   target_density: Optional[float] = None

@@ -44,7 +44,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   total_steps = cfg.epochs * steps_per_epoch if cfg.optimizer in baselines.BASELINES else None
   return _optimizer(cfg.optimizer, cfg.lr, _decay_epochs(cfg), cfg.lr_decay, cfg.momentum, cfg.weight_decay,
                     cfg.kappa, cfg.mu, cfg.lambdas, cfg.normalize_groups, cfg.sparsity, cfg.penalty,
-                    steps_per_epoch, total_steps, _target(cfg))
+                    steps_per_epoch, total_steps, _target(cfg), cfg.store_gamma)
 
 
 def _target(cfg: TrainConfig):
@@ -65,14 +65,14 @@ def _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch) -> optax.Schedule:
 
 @functools.lru_cache(maxsize=32)
 def _optimizer(name, lr, lr_decay_epochs, lr_decay, momentum, weight_decay, kappa, mu, lambdas,
-               normalize_groups, sparsity, penalty, steps_per_epoch, total_steps, target=None
-               ) -> optax.GradientTransformation:
+               normalize_groups, sparsity, penalty, steps_per_epoch, total_steps, target=None,
+               store_gamma=True) -> optax.GradientTransformation:
   schedule = _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch)
   decayed = lambda params: jax.tree.map(lambda w: jnp.ndim(w) >= 2, params)
   if name == 'dessilbi':
     return dl.dessilbi(schedule, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
                        lambdas=dict(lambdas) if isinstance(lambdas, tuple) else lambdas,
-                       normalize_groups=normalize_groups, target_density=target)
+                       normalize_groups=normalize_groups, target_density=target, store_gamma=store_gamma)
   if name in ('sgd', 'l0', 'l0_penalty'):
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=decayed),
                        optax.sgd(schedule, momentum=momentum or None))
