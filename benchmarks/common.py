@@ -25,9 +25,10 @@ def machine() -> str:
           f'({len(devices)} x {devices[0].device_kind})')
 
 
-def write_result(name: str, title: str, text: str) -> pathlib.Path:
-  """Writes ``results/<name>.md``: a title, the command that regenerates it, ``text``."""
+def write_result(name: str, title: str, text: str, command: str = None) -> pathlib.Path:
+  """Writes ``results/<name>.md``: a title, the command that regenerates it (default
+  ``python -m benchmarks.<name>``), ``text``."""
   RESULTS.mkdir(parents=True, exist_ok=True)
   path = RESULTS / f'{name}.md'
-  path.write_text(f'# {title}\n\nRegenerate: `python -m benchmarks.{name}`.\n\n{text}')
+  path.write_text(f'# {title}\n\nRegenerate: `{command or f"python -m benchmarks.{name}"}`.\n\n{text}')
   return path

@@ -20,6 +20,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import subprocess
 import time
@@ -119,7 +120,8 @@ def main() -> None:
           f'Median of {args.repeats} interleaved calls of the jitted eval-mode forward pass '
           '(`block_until_ready`); the removed network keeps every 2nd / 4th unit of every prunable group '
           '(`structure.remove`), MACs from `models.count_flops`.\n\n' + '\n'.join(lines) + '\n')
-  print(write_result(args.name, 'Inference: dense against removed networks', text))
+  command = 'python -m benchmarks.inference_speed ' + ' '.join(sys.argv[1:])
+  print(write_result(args.name, 'Inference: dense against removed networks', text, command.strip()))
 
 
 if __name__ == '__main__':
