@@ -238,6 +238,13 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def _publish(text: str, name: str, title: str, write: bool) -> None:
+  """Prints a result and (unless ``--no-write``) writes it to ``results/<name>.md``."""
+  print(text)
+  if write:
+    write_result(name, title, text)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--models', nargs='+', default=['vgg16', 'resnet56'])
@@ -259,10 +266,7 @@ def main(argv=None):
             f'{args.repeats} interleaved rounds; times are medians, ratios the median of the per-round ratios; '
             f'the run with the median lean / SGD ratio of {args.runs}, with the range over all of them.'
             f'\n\nMachine: {machine()}.\n\n{lean_table(rows)}\n')
-    print(text)
-    if not args.no_write:
-      write_result('update_speed_lean', 'Update speed: the lean state', text)
-    return
+    return _publish(text, 'update_speed_lean', 'Update speed: the lean state', not args.no_write)
   if args.target_density is not None:
     rows = [measure_target(name, args.repeats, args.target_density, args.target_every)
             for name in args.models for _ in range(args.runs)]
@@ -270,10 +274,7 @@ def main(argv=None):
             f'update with the target over the plain DessiLBI update, {args.repeats} interleaved rounds, median of '
             f'the per-round ratios; median and range over {args.runs} runs.\n\nMachine: {machine()}.\n\n'
             f'{target_table(rows, args.runs)}\n')
-    print(text)
-    if not args.no_write:
-      write_result('update_speed_target', 'Update speed: the cost of a target density', text)
-    return
+    return _publish(text, 'update_speed_target', 'Update speed: the cost of a target density', not args.no_write)
   rows = [measure_runs(name, args.repeats, args.runs, args.compare_without_edges) for name in args.models]
   text = (f'Jitted update + optax.apply_updates, params and state donated; {args.repeats} interleaved rounds '
           f'of one call each; times are medians, ratios the median of the per-round ratios; the run with the '
