@@ -49,7 +49,7 @@ def networks(name: str, fraction: float):
 def run_networks(dataset: str):
   """(dense model, variables, compact model, variables, input shape) at the end of ``dessilbi train --dataset``."""
   from dessilbi_jax import train
-  from dessilbi_jax.structure import compact
+  from dessilbi_jax.train import compact
   cfg = train.preset(dataset)
   result = train.fit(cfg, quiet=True)
   model, info = train.build_model(cfg)

@@ -19,7 +19,7 @@ Each run then also times each optimizer alone (``--repeats`` calls in a row),
 the other way to take the ratio; its median and range over the runs are shown.
 
 With ``--target-density ε`` it measures instead what steering λ to a density
-costs (``dl.dessilbi(target_density=...)``, :mod:`dessilbi_jax.target_density`):
+costs (``dl.dessilbi(target_density=...)``, :mod:`dessilbi_jax.core.target_density`):
 the plain DessiLBI update against the same update with a target, interleaved,
 for the budget cap recomputed every ``--target-every`` steps (1 and 10 by
 default) and for dual ascent; written to ``results/update_speed_target.md``.
@@ -50,7 +50,7 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import models
-from dessilbi_jax import target_density as targets
+from dessilbi_jax.core import target_density as targets
 from benchmarks.common import machine
 from benchmarks.common import write_result
 

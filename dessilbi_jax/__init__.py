@@ -8,31 +8,41 @@ DessiLBI (Fu et al., ICML 2020) as an Optax gradient transformation::
   updates, state = tx.update(grads, state, params)
   dl.support(state)            # which filters / weights are in Γ's support
 
-Submodules: ``grouping`` (the grouping rule), ``prox`` (proximal maps),
-``optimizer`` (the update rule), ``cpu_schedule`` (the order of its writes
-on the CPU), ``path`` (reading the path off the state), ``models``, ``data``,
-``train``, ``baselines``, ``structure`` (the unit map: remove, zero, widen,
-gate, count), ``growth`` (growing networks); for controlled sparsity ``l0``
-(hard-concrete gates), ``constraints`` (Lagrange multipliers), ``weight_gates``
-and ``unit_gates`` (gates on a model), ``l0_training`` (one constrained step)
-and ``target_density`` (steering λ) (import them by name).
+The package is in layers; each imports only the layers above it in this list:
+
+===============  ==============================================================
+``core``         the transformation: grouping, prox, the update, target density,
+                 the CPU schedule, reading the path (``dl.dessilbi``, ``dl.support``)
+``models``       the Flax model zoo, rebuilt from widths
+``data``         datasets through tensorflow-datasets, offline by default
+``baselines``    GMP and proximal group lasso, as optax transformations
+``structure``    the unit map of a network: remove, zero, widen, gate, count
+``l0``           hard-concrete gates and Lagrangian constraints
+``train``        the training loop, its run files and its features
+``growth``       growing networks along the path
+``cli``          the ``dessilbi`` command
+===============  ==============================================================
 """
 
-from dessilbi_jax import constraints
-from dessilbi_jax import grouping
+from dessilbi_jax import _moved
 from dessilbi_jax import l0
-from dessilbi_jax import prox
-from dessilbi_jax.optimizer import DessiLBIState
-from dessilbi_jax.optimizer import dessilbi
-from dessilbi_jax.path import entry_step
-from dessilbi_jax.path import find_states
-from dessilbi_jax.path import gamma
-from dessilbi_jax.path import nonzero_summary
-from dessilbi_jax.path import prune_by_order
-from dessilbi_jax.path import sparse_params
-from dessilbi_jax.path import sparsity_summary
-from dessilbi_jax.path import support
-from dessilbi_jax.path import z
+from dessilbi_jax.core import grouping
+from dessilbi_jax.core import prox
+from dessilbi_jax.core.optimizer import DessiLBIState
+from dessilbi_jax.core.optimizer import dessilbi
+from dessilbi_jax.core.optimizer import state_spec
+from dessilbi_jax.core.path import entry_step
+from dessilbi_jax.core.path import find_states
+from dessilbi_jax.core.path import gamma
+from dessilbi_jax.core.path import nonzero_summary
+from dessilbi_jax.core.path import prune_by_order
+from dessilbi_jax.core.path import sparse_params
+from dessilbi_jax.core.path import sparsity_summary
+from dessilbi_jax.core.path import support
+from dessilbi_jax.core.path import z
+from dessilbi_jax.l0 import constraints
+
+_moved.install()
 
 __version__ = '0.1.0'
 
@@ -50,6 +60,15 @@ __all__ = (
     'prune_by_order',
     'sparse_params',
     'sparsity_summary',
+    'state_spec',
     'support',
     'z',
 )
+
+
+def __getattr__(name: str):
+  """``dl.optimizer`` and the other moved modules, by their old names (see ``_moved.py``)."""
+  if f'dessilbi_jax.{name}' in _moved.MOVED:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f'dessilbi_jax.{name}')
+  raise AttributeError(f"module 'dessilbi_jax' has no attribute {name!r}")

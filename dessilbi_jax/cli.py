@@ -254,7 +254,7 @@ def _grow(args, train) -> None:
 
 
 def _compact(args) -> None:
-  from dessilbi_jax.structure import compact
+  from dessilbi_jax.train import compact
   report = compact.compact_run(args.run, args.epoch, args.out)
   print(f'Compact network of {args.run}, epoch {report["epoch"]}: params {report["compact_params"]:,} of '
         f'{report["dense_params"]:,} ({100 * report["compact_params"] / report["dense_params"]:.1f}%), MACs '

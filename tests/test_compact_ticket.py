@@ -91,7 +91,7 @@ def _resnet_support(params):
 @pytest.fixture(scope='module')
 def resnet_run(tmp_path_factory, rbg_keys):
   """A ResNet-20 run directory holding what a ticket reads (config, init params, Γ's support after epoch 1)."""
-  from dessilbi_jax import checkpoint
+  from dessilbi_jax.train import checkpoint
   from dessilbi_jax.train import run_dir as files
   root = tmp_path_factory.mktemp('resnet_ticket')
   cfg = train.TrainConfig(**RESNET, data_dir=str(root / 'data'))
@@ -149,7 +149,8 @@ def test_resnet_ticket_trains_the_removed_network(resnet_run, resnet_ticket):
 def test_resnet_ticket_steps_match_the_masked_full_size_network(resnet_run, resnet_ticket):
   """The removed ResNet's first steps are the full-size ones with the same units masked (as a whole)."""
   from flax import jax_utils
-  from dessilbi_jax import checkpoint, data
+  from dessilbi_jax import data
+  from dessilbi_jax.train import checkpoint
   from dessilbi_jax.train import steps
   run_dir, model, variables = resnet_run
   _, cfg, small_masks, small_init = resnet_ticket

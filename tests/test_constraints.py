@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from dessilbi_jax import constraints
+from dessilbi_jax.l0 import constraints
 
 
 def np_dual_step(lam, g, eta, restarts):

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from dessilbi_jax import checkpoint
-from dessilbi_jax import grouping
+from dessilbi_jax.train import checkpoint
+from dessilbi_jax.core import grouping
 from dessilbi_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -23,7 +23,8 @@ FLAGS = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05'
 # $LATE_UNTIL, process 1 reaches the run directory only once that file exists (a process that starts late).
 _PROCESS = textwrap.dedent("""
     import os, pathlib, sys, time, numpy as np, jax
-    from dessilbi_jax import cli, grouping, train
+    from dessilbi_jax import cli, train
+    from dessilbi_jax.core import grouping
     real_fit, results = train.fit, []
     def fit(*args, **kwargs):
       late = os.environ.get('LATE_UNTIL')

@@ -213,7 +213,7 @@ def test_map_params_gives_each_state_leaf_its_params_spec():
   specs = {'Conv_0': {'kernel': P(None, None, None, 'd'), 'bias': P('d')},
            'Dense_0': {'kernel': P('d', None), 'bias': P()}}
   tx = dl.dessilbi(0.1, groups={'Dense_0/kernel': 'neuron'})
-  state_specs = optax.tree.map_params(tx, dl.optimizer.state_spec, tx.init(params), specs,
+  state_specs = optax.tree.map_params(tx, dl.state_spec, tx.init(params), specs,
                                       transform_non_params=lambda _: P(), is_leaf=lambda x: x is None)
   assert state_specs.count == P()
   assert state_specs.momentum == specs
@@ -269,14 +269,14 @@ def test_a_lean_state_under_prefix_masks_and_labels_is_the_stored_one(name):
 def test_map_params_and_a_checkpoint_of_a_lean_state(tmp_path):
   """A lean state's specs (no Γ; a lasso leaf's κ and λ are scalars: P()), and an orbax checkpoint of it
   restores to the same arrays, from which the step goes on as it would have."""
-  from dessilbi_jax import checkpoint
+  from dessilbi_jax.train import checkpoint
   params = _params()
   specs = {'Conv_0': {'kernel': P(None, None, None, 'd'), 'bias': P('d')},
            'Dense_0': {'kernel': P('d', None), 'bias': P()}}
   tx = dl.dessilbi(0.5, mu=2.0, lambdas=_LAMBDAS, store_gamma=False)
   grads = _grads(params, steps=6)
   trained, state = _run(tx, params, grads[:3])
-  state_specs = optax.tree.map_params(tx, dl.optimizer.state_spec, state, specs,
+  state_specs = optax.tree.map_params(tx, dl.state_spec, state, specs,
                                       transform_non_params=lambda _: P(), is_leaf=lambda x: x is None)
   assert state_specs.gamma == {'Conv_0': {'kernel': None, 'bias': None}, 'Dense_0': {'kernel': None, 'bias': None}}
   assert state_specs.gamma_kappa == state_specs.gamma_lambda == {

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from dessilbi_jax import checkpoint
+from dessilbi_jax.train import checkpoint
 from dessilbi_jax import data
 from dessilbi_jax import train
 

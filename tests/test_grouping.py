@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import dessilbi_jax as dl
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 
 PARAMS = {
     'Conv_0': {'kernel': jnp.zeros((5, 5, 1, 6)), 'bias': jnp.zeros(6)},

@@ -171,7 +171,7 @@ def test_density_constraint_rejects_bad_scope_and_no_gates():
 
 def test_penalized_objective_gradient():
   """Fixed multipliers give loss + λ·density: ∂/∂log_α_g = ∂loss + λ·P_g(1 − P_g)·|g|/N."""
-  from dessilbi_jax import constraints
+  from dessilbi_jax.l0 import constraints
   log_alphas = {'Dense_0': jnp.array([-1.0, 0.0, 2.0])}
   sizes = {'Dense_0': 4}
   penalty = 0.3

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from dessilbi_jax import cli
-from dessilbi_jax import checkpoint
+from dessilbi_jax.train import checkpoint
 from dessilbi_jax import l0
 from dessilbi_jax import models
 from dessilbi_jax import structure
 from dessilbi_jax import train
-from dessilbi_jax import unit_gates
+from dessilbi_jax.l0 import unit_gates
 from dessilbi_jax.train import l0_gates
 
 

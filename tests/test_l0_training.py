@@ -6,12 +6,12 @@ import numpy as np
 import optax
 import pytest
 
-from dessilbi_jax import constraints
+from dessilbi_jax.l0 import constraints
 from dessilbi_jax import data
 from dessilbi_jax import l0
-from dessilbi_jax import l0_training
+from dessilbi_jax.l0 import training as l0_training
 from dessilbi_jax import models
-from dessilbi_jax import weight_gates
+from dessilbi_jax.l0 import weight_gates
 
 TARGET = 0.3
 STEPS = 400

@@ -242,7 +242,7 @@ def test_list_models_names_every_model_of_the_contract():
 
 
 def test_docstring_examples_run():
-  result = doctest.testmod(models)
+  result = doctest.testmod(models.networks)
   assert result.attempted > 0 and result.failed == 0
 
 

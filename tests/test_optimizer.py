@@ -14,8 +14,8 @@ import pytest
 
 import dessilbi_jax as dl
 import reference
-from dessilbi_jax import cpu_schedule
-from dessilbi_jax import prox
+from dessilbi_jax.core import cpu_schedule
+from dessilbi_jax.core import prox
 
 # ----------------------------------------------------------------------------------------------
 # A LeNet-shaped parameter tree (plus an attention projection for `head`) and random gradients.
@@ -611,7 +611,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import dessilbi_jax as dl
-    from dessilbi_jax import cpu_schedule
+    from dessilbi_jax.core import cpu_schedule
     cpu_schedule.SEQUENTIAL_MIN_SIZE = 1   # the edges between leaves too
     mesh = Mesh(jax.devices(), ('d',))
     rng = np.random.default_rng(0)

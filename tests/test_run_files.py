@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from dessilbi_jax import checkpoint
+from dessilbi_jax.train import checkpoint
 from dessilbi_jax import cli
 from dessilbi_jax import train
 

@@ -16,7 +16,7 @@ from dessilbi_jax import baselines
 from dessilbi_jax import models
 from dessilbi_jax import structure
 from dessilbi_jax import train
-from dessilbi_jax.structure import compact
+from dessilbi_jax.train import compact
 
 
 pytestmark = pytest.mark.usefixtures('rbg_keys')   # conftest.py: fast init of the large models

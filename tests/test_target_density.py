@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from dessilbi_jax import target_density
+from dessilbi_jax.core import target_density
 
 
 def _brute_force(norms, sizes, budget):
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 import dessilbi_jax as dl
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 from tests import reference
 
 KINDS = {'conv': 'filter', 'dense': 'lasso', 'bias': None}

@@ -1,4 +1,4 @@
-"""Tests of dessilbi_jax.train and dessilbi_jax.checkpoint: files, resume, kills, pmap, masks."""
+"""Tests of dessilbi_jax.train and dessilbi_jax.train.checkpoint: files, resume, kills, pmap, masks."""
 
 import dataclasses
 import json
@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
-from dessilbi_jax import checkpoint
+from dessilbi_jax.train import checkpoint
 from dessilbi_jax import data
 from dessilbi_jax import train
 
@@ -112,7 +112,8 @@ def test_a_run_killed_while_saving_resumes_from_the_previous_checkpoint(run, tin
   out = tmp_path / 'killed'
   killed = _run_script(f"""
       import os, pathlib, signal, time
-      from dessilbi_jax import checkpoint, train
+      from dessilbi_jax import train
+      from dessilbi_jax.train import checkpoint
       real_save = checkpoint.save
       checkpoints = pathlib.Path({str(out / 'checkpoints')!r})
       def save_then_die(manager, epoch, state, record, **arrays):
@@ -231,7 +232,8 @@ def test_eight_devices_give_the_params_of_one(tiny, tmp_path):
   saved = tmp_path / 'eight.npz'
   result = _run_script(f"""
       import jax, numpy as np
-      from dessilbi_jax import grouping, train
+      from dessilbi_jax import train
+      from dessilbi_jax.core import grouping
       assert jax.local_device_count() == 8
       result = train.fit(train.TrainConfig(**{dataclasses.asdict(cfg)!r}), quiet=True)
       flat = jax.tree_util.tree_flatten_with_path((result.params, result.batch_stats))[0]

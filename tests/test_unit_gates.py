@@ -19,7 +19,7 @@ if (not hasattr(structure, 'keep_from_gates')
 
 from dessilbi_jax import l0  # pylint: disable=g-import-not-at-top
 from dessilbi_jax import models  # pylint: disable=g-import-not-at-top
-from dessilbi_jax import unit_gates  # pylint: disable=g-import-not-at-top
+from dessilbi_jax.l0 import unit_gates  # pylint: disable=g-import-not-at-top
 
 X_IMAGES = jax.random.normal(jax.random.key(3), (5, 8, 8, 3))
 

@@ -2,7 +2,7 @@
 
 Regression tests of the structure that makes the update fast on CPU, not
 timings: with params and state donated, XLA must not copy W, Z or Γ (see
-``dessilbi_jax.cpu_schedule``), and the number of full passes over a conv kernel's
+``dessilbi_jax.core.cpu_schedule``), and the number of full passes over a conv kernel's
 buffers stays at the design's 13 (SGD-momentum: 6). The layout is the CPU
 backend's; elsewhere XLA fuses the writes itself and these tests are skipped.
 
@@ -22,8 +22,8 @@ import optax
 import pytest
 
 import dessilbi_jax as dl
-from dessilbi_jax import cpu_schedule
-from dessilbi_jax import target_density
+from dessilbi_jax.core import cpu_schedule
+from dessilbi_jax.core import target_density
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != 'cpu',

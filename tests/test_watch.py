@@ -10,7 +10,7 @@ import dessilbi_jax
 from dessilbi_jax import cli
 from dessilbi_jax import data
 from dessilbi_jax import models
-from dessilbi_jax import plots
+from dessilbi_jax.train import plots
 from dessilbi_jax import train
 
 TINY = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05']

@@ -7,7 +7,7 @@ import pytest
 
 from dessilbi_jax import l0
 from dessilbi_jax import models
-from dessilbi_jax import weight_gates
+from dessilbi_jax.l0 import weight_gates
 
 MODEL = models.MLP(widths=(6,), num_classes=3)
 X = jax.random.normal(jax.random.key(9), (7, 4))

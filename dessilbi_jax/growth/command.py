@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from dessilbi_jax import plots
+from dessilbi_jax.train import plots
 from dessilbi_jax import train
 from dessilbi_jax.growth.extension import growth_extension
 from dessilbi_jax.growth.rule import GrowthSettings

@@ -10,7 +10,7 @@
 * :mod:`~dessilbi_jax.structure.masks`: keep-masks from Γ's support, a ticket's
   or GMP's weight masks, gates (:func:`keep_from_support`, ...);
 * :mod:`~dessilbi_jax.structure.export`: :func:`save_compact` / :func:`load_compact`;
-* :mod:`~dessilbi_jax.structure.compact`: a run's compact network (its metrics, ``dessilbi compact``);
+* :mod:`~dessilbi_jax.train.compact`: a run's compact network (its metrics, ``dessilbi compact``);
 * :mod:`~dessilbi_jax.structure.zoo`: how the zoo's models are rebuilt with new widths.
 """
 

@@ -80,7 +80,7 @@ def keep_from_weights(unit_map: UnitMap, weight_masks, *, producers_only: bool =
 
 def keep_from_support(unit_map: UnitMap, opt_state, *, producers_only: bool = False) -> dict[str, np.ndarray]:
   """Keep-masks from Γ's support in a DessiLBI state (any optax state holding one); see :func:`keep_from_weights`."""
-  from dessilbi_jax import path  # pylint: disable=g-import-not-at-top
+  from dessilbi_jax.core import path  # pylint: disable=g-import-not-at-top
   return keep_from_weights(unit_map, jax.device_get(path.support(opt_state)), producers_only=producers_only)
 
 

@@ -11,9 +11,9 @@ from typing import Any, Optional, Union
 import jax
 
 from dessilbi_jax import data
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 from dessilbi_jax import models
-from dessilbi_jax import target_density
+from dessilbi_jax.core import target_density
 from dessilbi_jax.train.optimizers import OPTIMIZERS
 from dessilbi_jax.train.optimizers import make_optimizer
 from dessilbi_jax.train.steps import build_model
@@ -55,7 +55,7 @@ class TrainConfig:
     penalty: ``prox_group_lasso``: the weight of the penalty penalty·Σ_g ‖W_g‖₂
       (not DessiLBI's λ).
     target_density: DessiLBI: steer λ so that Γ's support ends on this
-      fraction of the structured weights (:mod:`dessilbi_jax.target_density`;
+      fraction of the structured weights (:mod:`dessilbi_jax.core.target_density`;
       ``None``: λ as given); ``l0``: the density constraint on the gates.
     target_method: how: ``'dual'`` (dual ascent on λ, which may also lower
       it) or ``'budget'`` (a cap on the support; λ only rises).

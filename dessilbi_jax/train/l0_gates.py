@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dessilbi_jax import constraints
+from dessilbi_jax.l0 import constraints
 from dessilbi_jax import l0
 from dessilbi_jax import structure
-from dessilbi_jax import unit_gates
+from dessilbi_jax.l0 import unit_gates
 from dessilbi_jax.train import steps
 from dessilbi_jax.train.extensions import Extension
 from dessilbi_jax.train.extensions import ExtraTrainable

@@ -18,9 +18,9 @@ from flax import jax_utils
 from tqdm.auto import tqdm
 
 import dessilbi_jax as dl
-from dessilbi_jax import checkpoint
+from dessilbi_jax.train import checkpoint
 from dessilbi_jax import data
-from dessilbi_jax.structure import compact
+from dessilbi_jax.train import compact
 from dessilbi_jax.train import extensions as ext
 from dessilbi_jax.train import l0_gates
 from dessilbi_jax.train import run_dir as files

@@ -11,7 +11,7 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import baselines
-from dessilbi_jax import target_density as targets
+from dessilbi_jax.core import target_density as targets
 
 if TYPE_CHECKING:
   from dessilbi_jax.train.config import TrainConfig
@@ -48,7 +48,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
 
 
 def _target(cfg: TrainConfig):
-  """DessiLBI's :class:`~dessilbi_jax.target_density.Target` of ``cfg`` (``None`` without a target density)."""
+  """DessiLBI's :class:`~dessilbi_jax.core.target_density.Target` of ``cfg`` (``None`` without a target density)."""
   if cfg.target_density is None or cfg.optimizer != 'dessilbi':
     return None
   rate = targets.Target(cfg.target_density).rate if cfg.dual_lr is None else cfg.dual_lr

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 import dessilbi_jax as dl
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 
 
 class DamagedFileError(ValueError):

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dessilbi_jax import plots
+from dessilbi_jax.train import plots
 from dessilbi_jax.train.config import TrainConfig
 from dessilbi_jax.train.regularization_path import DamagedFileError
 from dessilbi_jax.train.regularization_path import read_npz

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dessilbi_jax import checkpoint
-from dessilbi_jax import grouping
+from dessilbi_jax.train import checkpoint
+from dessilbi_jax.core import grouping
 from dessilbi_jax import models
 from dessilbi_jax import structure
 from dessilbi_jax.structure import masks as structure_masks

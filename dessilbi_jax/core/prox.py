@@ -15,7 +15,7 @@ reuse the norms.
 Example::
 
   >>> import jax.numpy as jnp
-  >>> from dessilbi_jax import prox
+  >>> from dessilbi_jax.core import prox
   >>> z = jnp.array([[3.0, 0.1], [4.0, 0.1]])        # (in=2, out=2): two neurons
   >>> shrunk, in_support = prox.group_prox(z, 'neuron', lam=1.0)
   >>> shrunk   # column 0 has norm 5 -> scaled by 0.8; column 1 is shrunk to zero
@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 
 
 def group_norm(z_g: jax.Array, normalize: bool = False) -> jax.Array:

@@ -4,7 +4,7 @@ XLA on CPU forms no multi-output fusions, so ``W``, ``Z`` and ``Γ`` are each
 written by their own fusion, in place into the donated buffers. Unless a data
 edge orders every reader of a buffer before its writer, XLA copies the buffer on
 every step (two extra passes over memory). This module holds those edges; the
-maths is :func:`dessilbi_jax.optimizer.leaf_update`, which calls ``after`` at
+maths is :func:`dessilbi_jax.core.optimizer.leaf_update`, which calls ``after`` at
 the two points where an order matters and is the plain update without it.
 
 * ``after(x, written)`` is ``x`` to the bit, for every ``x`` and every
@@ -22,7 +22,7 @@ params every edge is a scalar all-reduce: :func:`wanted` keeps them to the CPU.
 Example::
 
   >>> import jax.numpy as jnp
-  >>> from dessilbi_jax import cpu_schedule
+  >>> from dessilbi_jax.core import cpu_schedule
   >>> x = jnp.array([1.0, -0.0, jnp.inf])
   >>> cpu_schedule.after(x, jnp.array([[jnp.nan, 3e38], [1.0, 2.0]]))   # x, after a NaN token
   Array([ 1., -0., inf], dtype=float32)
@@ -113,7 +113,7 @@ def update_in_order(leaf_update: Callable, leaves: Sequence[tuple], kinds: Seque
 
   ``args`` is ``(g, b, w, z, ...)``; a large leaf starts (reads its gradient
   and ``Z``) once the previous large leaf has written its result ``chain_on``
-  (by default ``Γ``, the fourth of :func:`~dessilbi_jax.optimizer.leaf_update`'s
+  (by default ``Γ``, the fourth of :func:`~dessilbi_jax.core.optimizer.leaf_update`'s
   results; ``Z`` where that is ``None``).
   """
   results, previous = [], None

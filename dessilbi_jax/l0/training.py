@@ -10,13 +10,16 @@ descent–ascent, Gallego-Posada et al. 2022):
   λ ← dual(λ, density − ε)      (dual SGD, restarts, λ ≥ 0; or fixed: the penalized problem)
 
 ``apply_fn(params, z, images) -> logits`` says how the gates act on the model:
-:func:`dessilbi_jax.weight_gates.gate_weights` for weight groups, the unit map for
+:func:`dessilbi_jax.l0.weight_gates.gate_weights` for weight groups, the unit map for
 channels followed by BatchNorm. Evaluation uses the median gates.
 
 Example: the input neurons of an MLP on random data, kept at 30 % model-wise::
 
   >>> import jax, jax.numpy as jnp, optax
-  >>> from dessilbi_jax import constraints, l0, l0_training, models, weight_gates
+  >>> from dessilbi_jax import l0, models
+  >>> from dessilbi_jax.l0 import constraints
+  >>> from dessilbi_jax.l0 import training as l0_training
+  >>> from dessilbi_jax.l0 import weight_gates
   >>> model = models.MLP(widths=(16,), num_classes=3)
   >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8)))['params']
   >>> kinds = weight_gates.resolve_gated(params, {'kernel': 'input'})
@@ -40,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dessilbi_jax import constraints
+from dessilbi_jax.l0 import constraints
 from dessilbi_jax import l0
 
 
@@ -52,7 +55,7 @@ class L0TrainState(NamedTuple):
     log_alphas: the gates' ``log_α``, ``{leaf path: array}``.
     opt_state: ``tx``'s state for θ.
     gates_opt_state: ``gates_tx``'s state for ``log_α``.
-    dual_state: the multipliers (:class:`dessilbi_jax.constraints.DualState`).
+    dual_state: the multipliers (:class:`dessilbi_jax.l0.constraints.DualState`).
   """
   params: Any
   log_alphas: Any
@@ -78,8 +81,8 @@ def l0_train_step(
       the density itself (``lambda a: l0.model_density(a, sizes)``).
     tx: the weights' optimizer (SGD-momentum, lr 0.1, in the seed paper).
     gates_tx: the gates' own optimizer; keep its learning rate constant.
-    dual: :func:`dessilbi_jax.constraints.dual_ascent`, or
-      :func:`~dessilbi_jax.constraints.fixed_multipliers` for a penalty.
+    dual: :func:`dessilbi_jax.l0.constraints.dual_ascent`, or
+      :func:`~dessilbi_jax.l0.constraints.fixed_multipliers` for a penalty.
 
   Returns:
     ``init(params, log_alphas) -> L0TrainState`` and ``step(state, images,

@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 
 GAMMA = -0.1   # the stretched interval (γ, ζ) ⊃ [0, 1] puts mass on exactly 0 and 1
 ZETA = 1.1
@@ -165,13 +165,13 @@ def model_density(log_alphas: Any, group_sizes: Any) -> jax.Array:
 
 
 def density_constraint(group_sizes: Any, target: Any, *, scope: str = 'layer') -> Callable[[Any], Any]:
-  """The constraint ``density − ε ≤ 0`` on gates, for :mod:`dessilbi_jax.constraints`.
+  """The constraint ``density − ε ≤ 0`` on gates, for :mod:`dessilbi_jax.l0.constraints`.
 
   Args:
     group_sizes: ``|g|`` per gated layer, a pytree shaped like the gates (see
       :func:`layer_densities`).
     target: ``ε`` ∈ (0, 1]: one number, or with ``scope='layer'`` a mapping
-      ``{layer path: ε}`` (paths as :func:`dessilbi_jax.grouping.path_str`
+      ``{layer path: ε}`` (paths as :func:`dessilbi_jax.core.grouping.path_str`
       writes them, e.g. ``'Dense_0'``); layers it does not name are unconstrained.
     scope: ``'layer'``: one constraint per gated layer (a pytree of scalars shaped
       like the gates); ``'model'``: one, on :func:`model_density`.

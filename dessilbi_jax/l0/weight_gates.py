@@ -1,6 +1,6 @@
 r"""L0 gates on the weights of a Flax model, one gate per group of the grouping rule.
 
-A gate ``z_g`` multiplies every weight of its group (:mod:`dessilbi_jax.grouping`):
+A gate ``z_g`` multiplies every weight of its group (:mod:`dessilbi_jax.core.grouping`):
 ``'input'`` gates one input neuron of a dense layer (a kernel row, the seed
 paper's choice for dense layers), ``'neuron'`` one output unit, ``'filter'`` one
 output filter of a conv *without* normalization after it, ``'lasso'`` one weight.
@@ -9,7 +9,7 @@ per-group shape, so that :mod:`dessilbi_jax.l0` measures their densities and
 :func:`dessilbi_jax.l0.density_constraint` names them by path.
 
 Gates on units (channels, neurons) through the unit map are
-:mod:`dessilbi_jax.unit_gates`: use those for a conv followed by BatchNorm
+:mod:`dessilbi_jax.l0.unit_gates`: use those for a conv followed by BatchNorm
 (whose scale and bias must carry the gate). These weight gates cover what the
 unit map does not: the network's own input features (``'input'`` on the first
 dense layer) and single weights (unstructured L0).
@@ -17,7 +17,8 @@ dense layer) and single weights (unstructured L0).
 Example: the input neurons of an MLP's two dense layers::
 
   >>> import jax, jax.numpy as jnp
-  >>> from dessilbi_jax import models, weight_gates
+  >>> from dessilbi_jax import models
+  >>> from dessilbi_jax.l0 import weight_gates
   >>> model = models.MLP(widths=(8,), num_classes=3)
   >>> params = model.init(jax.random.key(0), jnp.zeros((1, 5)))['params']
   >>> kinds = weight_gates.resolve_gated(params, {'kernel': 'input'})
@@ -39,12 +40,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dessilbi_jax import grouping
+from dessilbi_jax.core import grouping
 from dessilbi_jax import l0
 
 
 def resolve_gated(params: Any, groups: grouping.GroupsRule) -> dict[str, str]:
-  """``{leaf path: kind}`` of the gated leaves, ``groups`` as in :mod:`dessilbi_jax.grouping`.
+  """``{leaf path: kind}`` of the gated leaves, ``groups`` as in :mod:`dessilbi_jax.core.grouping`.
 
   Unlike DessiLBI's default, nothing is gated unless ``groups`` says so:
   leaves it leaves to the default rule are not gated.

@@ -8,7 +8,7 @@ or needs a display.
 Example::
 
   >>> import tempfile, pathlib
-  >>> from dessilbi_jax import plots
+  >>> from dessilbi_jax.train import plots
   >>> history = [{'epoch': 1, 'dense_test_acc': 0.8, 'sparse_test_acc': 0.5},
   ...            {'epoch': 2, 'dense_test_acc': 0.9, 'sparse_test_acc': 0.85}]
   >>> path = pathlib.Path(tempfile.mkdtemp()) / 'accuracy.png'

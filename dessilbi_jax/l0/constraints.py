@@ -24,7 +24,7 @@ Example: a multiply-accumulate budget. ``macs(params)`` is any differentiable
 estimate, here the expected MACs of a layer of 10 gated units::
 
   >>> import jax, jax.numpy as jnp, optax
-  >>> from dessilbi_jax import constraints
+  >>> from dessilbi_jax.l0 import constraints
   >>> budget = 4.0
   >>> def loss_fn(params):                      # wants every unit on
   ...   return jnp.sum((params['gates'] - 1.0) ** 2)

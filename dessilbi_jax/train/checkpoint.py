@@ -15,7 +15,7 @@ array on a mismatch (a flipped bit, a patched file).
 Example::
 
   >>> import numpy as np, tempfile
-  >>> from dessilbi_jax import checkpoint
+  >>> from dessilbi_jax.train import checkpoint
   >>> directory = tempfile.mkdtemp()
   >>> manager = checkpoint.open_manager(directory)
   >>> checkpoint.save(manager, 1, {'w': np.ones(3)}, {'epoch': 1})

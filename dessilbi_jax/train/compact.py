@@ -25,12 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dessilbi_jax import path as dl_path
+from dessilbi_jax import data
+from dessilbi_jax import models
+from dessilbi_jax.core import path as dl_path
 from dessilbi_jax.structure import export
 from dessilbi_jax.structure import masks
 from dessilbi_jax.structure import surgery
+from dessilbi_jax.structure.count import count
+from dessilbi_jax.structure.trace import UntraceableError
 from dessilbi_jax.structure.trace import trace
 from dessilbi_jax.structure.unit_map import UnitMap
+from dessilbi_jax.train import checkpoint
+from dessilbi_jax.train import steps
+from dessilbi_jax.train.extensions import Extension
+from dessilbi_jax.train.optimizers import make_optimizer
+from dessilbi_jax.train.run_dir import load_config
 
 
 def compact_keep(unit_map: UnitMap, params, opt_state) -> dict[str, np.ndarray]:
@@ -56,9 +65,8 @@ def compact(model, variables, opt_state, input_shape, *, unit_map: Optional[Unit
 def compact_metrics(model, variables, opt_state, dataset: str, input_shape, *, data_dir=None,
                     unit_map: Optional[UnitMap] = None) -> dict[str, Any]:
   """``compact_test_acc``, ``compact_params`` and ``compact_macs`` of the compact network now."""
-  from dessilbi_jax import models, train  # pylint: disable=g-import-not-at-top
   small, small_vars, _ = compact(model, variables, opt_state, input_shape, unit_map=unit_map)
-  return dict(compact_test_acc=train.evaluate(small, small_vars, dataset, data_dir=data_dir),
+  return dict(compact_test_acc=steps.evaluate(small, small_vars, dataset, data_dir=data_dir),
               compact_params=models.count_params(small_vars['params']),
               compact_macs=models.count_flops(small, tuple(input_shape)))
 
@@ -72,9 +80,6 @@ def compact_extension():
   ``None`` entries where the model's unit map cannot be traced (a user's model
   with an op :func:`~dessilbi_jax.structure.trace` cannot follow).
   """
-  from dessilbi_jax import train  # pylint: disable=g-import-not-at-top
-  from dessilbi_jax.structure.trace import UntraceableError  # pylint: disable=g-import-not-at-top
-  from dessilbi_jax.structure.count import count  # pylint: disable=g-import-not-at-top
   maps: dict[Any, Optional[UnitMap]] = {}
 
   def metrics(epoch) -> dict[str, Any]:
@@ -83,7 +88,6 @@ def compact_extension():
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), variables)
     key = (id(epoch.model), str(jax.tree.structure(shapes)), tuple(np.shape(a) for a in jax.tree.leaves(shapes)))
     if key not in maps:
-      from dessilbi_jax import data  # pylint: disable=g-import-not-at-top
       x = jax.ShapeDtypeStruct((1, *data.dataset_info(epoch.cfg.dataset).input_shape), jnp.float32)
       try:
         maps[key] = trace(epoch.model, shapes, x)
@@ -99,7 +103,7 @@ def compact_extension():
       masked = surgery.zero(variables, unit_map, keep)
     return dict(compact_test_acc=epoch.evaluate(epoch.model, masked), compact_params=params, compact_macs=macs)
 
-  return train.Extension(NAME, metrics=metrics)
+  return Extension(NAME, metrics=metrics)
 
 
 def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True) -> dict[str, Any]:
@@ -108,24 +112,22 @@ def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True
   Returns (and writes to ``out_dir/compact.json``) the run, epoch, the compact
   network's params, MACs and test accuracy, and the dense network's params and MACs.
   """
-  from dessilbi_jax import checkpoint, data, models, train  # pylint: disable=g-import-not-at-top
-  from dessilbi_jax.train import steps  # pylint: disable=g-import-not-at-top
   run_dir = pathlib.Path(run_dir)
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
     raise FileExistsError(f'--out {out_dir} exists and is not empty; pass a new directory (nothing is overwritten).')
-  cfg = train.load_config(run_dir)
+  cfg = load_config(run_dir)
   saved = checkpoint.saved_epochs(run_dir / 'checkpoints')
   if not saved:
     raise FileNotFoundError(f'{run_dir / "checkpoints"} holds no checkpoint: is --run {run_dir} a training run?')
   if epoch is not None and epoch not in saved:
     raise ValueError(f'--epoch {epoch}: {run_dir} keeps the checkpoints of epochs {saved} only.')
   record = checkpoint.read_record(run_dir / 'checkpoints', saved[-1] if epoch is None else epoch)
-  model, info = train.build_model(steps.recorded_config(cfg, record))
+  model, info = steps.build_model(steps.recorded_config(cfg, record))
   steps_per_epoch = data.steps_per_epoch(cfg.dataset, cfg.batch_size)
-  tx = train.make_optimizer(cfg, steps_per_epoch)
-  variables = train.init_variables(model, info.input_shape, jax.random.PRNGKey(0))
-  target = train.TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+  tx = make_optimizer(cfg, steps_per_epoch)
+  variables = steps.init_variables(model, info.input_shape, jax.random.PRNGKey(0))
+  target = steps.TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                             batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(variables['params']),
                             rng=jax.random.PRNGKey(0))
   state, record = checkpoint.restore(run_dir / 'checkpoints', target, epoch=epoch)
@@ -138,6 +140,6 @@ def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True
                 dense_macs=models.count_flops(model, tuple(info.input_shape)),
                 widths=description['kwargs'])
   if evaluate:
-    report['compact_test_acc'] = train.evaluate(small, small_vars, cfg.dataset, data_dir=cfg.data_dir)
+    report['compact_test_acc'] = steps.evaluate(small, small_vars, cfg.dataset, data_dir=cfg.data_dir)
   (out_dir / 'compact.json').write_text(json.dumps(report, indent=2) + '\n')
   return report

@@ -34,7 +34,7 @@ single-weight groups that is not free).
 Example::
 
   >>> import jax.numpy as jnp
-  >>> from dessilbi_jax import target_density
+  >>> from dessilbi_jax.core import target_density
   >>> norms = jnp.array([0.5, 3.0, 2.0, 1.0])     # four groups of 10 weights
   >>> t = target_density.budget_threshold([norms], [10], budget=25)
   >>> t, norms > jnp.maximum(0.1, t)              # two groups (20 weights) fit in 25

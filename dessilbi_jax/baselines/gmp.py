@@ -6,7 +6,7 @@
 * :func:`prox_group_lasso`: proximal SGD with a group-lasso penalty, SGD with
   momentum followed by group soft-thresholding.
 
-Both group weights with :mod:`dessilbi_jax.grouping`, the rule DessiLBI uses,
+Both group weights with :mod:`dessilbi_jax.core.grouping`, the rule DessiLBI uses,
 so a "filter" here is the same set of weights as a filter in Γ.
 :func:`make_baseline` builds either one by name.
 
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dessilbi_jax import grouping
-from dessilbi_jax import prox
+from dessilbi_jax.core import grouping
+from dessilbi_jax.core import prox
 
 
 def unstructured(path: str, leaf) -> grouping.GroupKind:
@@ -115,7 +115,7 @@ def gmp(
   At each pruning step ``t`` of :func:`cubic_sparsity_schedule` the groups of
   weights with the smallest norm (one weight for ``'lasso'``, an output filter
   for ``'filter'``, an output unit for ``'neuron'``, as in
-  :mod:`dessilbi_jax.grouping`) are masked, exactly ``round(s_t · n)`` of the
+  :mod:`dessilbi_jax.core.grouping`) are masked, exactly ``round(s_t · n)`` of the
   ``n`` groups (round half to even; ties go to the lower index). Steps after
   ``end_step`` fine-tune the network at the final sparsity. The wrapped
   optimizer sees the gradients times the masks, and the returned updates take
@@ -126,13 +126,13 @@ def gmp(
     inner: the optimizer to wrap (``optax.sgd(0.1, momentum=0.9)``, ...).
     final_sparsity: ``s_f`` in [0, 1], the fraction of groups removed at the
       end: one number, or ``{leaf path: s_f}`` naming every pruned leaf (paths
-      as in :func:`dessilbi_jax.grouping.path_str`, e.g. ``'Conv_0/kernel'``)
+      as in :func:`dessilbi_jax.core.grouping.path_str`, e.g. ``'Conv_0/kernel'``)
       to give each layer its own target (``scope='layer'`` only).
     begin_step: ``t0``, the first pruning step.
     end_step: ``t1``, the last pruning step; fine-tuning follows.
     frequency: ``Δt``, steps between pruning steps.
     initial_sparsity: ``s_i``, the sparsity of the first pruning step.
-    groups: the grouping rule of :mod:`dessilbi_jax.grouping`; ``None`` is
+    groups: the grouping rule of :mod:`dessilbi_jax.core.grouping`; ``None`` is
       DessiLBI's default (conv kernels by filter, dense kernels by weight,
       nothing else pruned); :func:`unstructured` prunes single weights of
       every kernel. Leaves of kind ``None`` are never pruned.
@@ -231,7 +231,7 @@ def magnitude_masks(params, kinds, sparsity, scope: str = 'layer'):
 
   Args:
     params: the weights to rank.
-    kinds: a pytree of group kinds (:func:`dessilbi_jax.grouping.resolve_kinds`).
+    kinds: a pytree of group kinds (:func:`dessilbi_jax.core.grouping.resolve_kinds`).
     sparsity: with ``scope='layer'`` a pytree of fractions with ``kinds``'
       structure (``None`` where the kind is ``None``); with ``'global'`` one
       fraction for all leaves together.
@@ -281,7 +281,7 @@ def group_lasso_prox(
 
   Placed after a gradient step that proposes ``w' = w + u`` it returns the
   update to ``prox_{αλ}(w')``, group by group
-  ``w'_g · max(0, 1 − αλ / ‖w'_g‖₂)`` (:func:`dessilbi_jax.prox.group_prox`).
+  ``w'_g · max(0, 1 − αλ / ‖w'_g‖₂)`` (:func:`dessilbi_jax.core.prox.group_prox`).
   Leaves of kind ``None`` pass unchanged.
   """
   if not callable(learning_rate):
@@ -329,7 +329,7 @@ def prox_group_lasso(
     W'      = W_k − α·b_k                       (Nesterov: W_k − α·(g_k + ω·W_k + β·b_k))
     W_{k+1} = prox_{αλ}(W'),   prox_{αλ}(w)_g = w_g · max(0, 1 − αλ / ‖w_g‖₂)
 
-  on the groups of :mod:`dessilbi_jax.grouping` (default: DessiLBI's, conv
+  on the groups of :mod:`dessilbi_jax.core.grouping` (default: DessiLBI's, conv
   filters and single dense weights); groups shrunk to zero are exactly zero.
   Unlike DessiLBI, the sparsity reached depends on λ, so a target sparsity
   needs a sweep over λ.

@@ -14,7 +14,7 @@ One step k -> k+1 (notation of ``ALGORITHM.md``; α the learning rate, κ
   Γ_{k+1} = κ·prox_λ(Z_{k+1})                   (Z_0 = Γ_0 = 0)
 
 The maths of one leaf is :func:`leaf_update`; the order of its writes on XLA's
-CPU backend (zero-valued data edges) is :mod:`dessilbi_jax.cpu_schedule`.
+CPU backend (zero-valued data edges) is :mod:`dessilbi_jax.core.cpu_schedule`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ try:
 except ImportError:   # flax is only needed for its nnx Variables
   _nnx = None
 
-from dessilbi_jax import cpu_schedule
-from dessilbi_jax import grouping
-from dessilbi_jax import prox
-from dessilbi_jax import target_density as targets
+from dessilbi_jax.core import cpu_schedule
+from dessilbi_jax.core import grouping
+from dessilbi_jax.core import prox
+from dessilbi_jax.core import target_density as targets
 
 
 class DessiLBIState(NamedTuple):
@@ -59,7 +59,7 @@ class DessiLBIState(NamedTuple):
       non-zero, ``-1`` while it never has; shaped to broadcast against the leaf
       (a conv kernel ``(H, W, I, O)`` under ``filter`` has ``(1, 1, 1, O)``).
     threshold: with ``target_density``, per structured leaf the float32
-      scalar ``t`` of :mod:`dessilbi_jax.target_density` that the next step's
+      scalar ``t`` of :mod:`dessilbi_jax.core.target_density` that the next step's
       λ is raised by; ``None`` without a target.
     gamma_kappa: in a lean state, on ``lasso`` leaves the κ that made ``Γ_k``
       (a scalar in λ's dtype, at least float32), ``None`` on other leaves; the
@@ -92,7 +92,7 @@ def state_spec(leaf, param_spec):
     >>> import dessilbi_jax as dl
     >>> params = {'kernel': jnp.ones((3, 3, 8, 16)), 'bias': jnp.zeros(16)}
     >>> tx = dl.dessilbi(0.1)
-    >>> specs = optax.tree.map_params(tx, dl.optimizer.state_spec, tx.init(params),
+    >>> specs = optax.tree.map_params(tx, dl.state_spec, tx.init(params),
     ...                               {'kernel': P(None, None, None, 'd'), 'bias': P('d')},
     ...                               transform_non_params=lambda _: P(), is_leaf=lambda x: x is None)
     >>> specs.entry_step
@@ -155,7 +155,7 @@ def leaf_update(g, b, w, z, gam, scale, entry, kind, made=None, *, hyper: _StepH
   """One leaf's step k -> k+1 (docs/ALGORITHM.md); returns ``(W_{k+1} − W_k, b_k, Z_{k+1}, Γ_{k+1}, s, entry, made)``.
 
   ``kind`` is the leaf's group kind (``None``: no structure variable). ``after(x,
-  written)`` is ``x``; :mod:`dessilbi_jax.cpu_schedule` passes one that also
+  written)`` is ``x``; :mod:`dessilbi_jax.core.cpu_schedule` passes one that also
   orders the writes of ``Z``, ``W`` and ``Γ`` on the CPU, without changing a bit.
   A lean state (``store_gamma=False``) has ``gam`` ``None`` and returns ``Γ_{k+1}``
   ``None``; ``made`` is ``(κ, λ)`` of ``Γ_k`` on its lasso leaves (else ``None``).
@@ -244,7 +244,7 @@ def _rounded_gamma(z, scale, made, count):
   XLA contracts ``W − Z·s`` into one fused multiply-add (LLVM on the CPU, and
   the GPU's compiler), rounded once: not ``W − Γ_k`` with ``Γ_k`` rounded when
   it was stored. Subtracting an exact ``+0`` that the compiler cannot see
-  through (:func:`dessilbi_jax.cpu_schedule.after` on the step count's bits
+  through (:func:`dessilbi_jax.core.cpu_schedule.after` on the step count's bits
   read as a float, a scalar that is never sharded; converted to a float it would
   be known not to be NaN, and LLVM folds the ``+0`` away) keeps the product
   rounded; the product is ``Z·(s − 0)`` (lasso: ``κ − 0``) so that it is not
@@ -360,7 +360,7 @@ def dessilbi(
     momentum: β in [0, 1), heavy-ball momentum on the loss gradient.
     nesterov: use Nesterov's variant of the momentum.
     weight_decay: ω >= 0, L2 decay added to the gradient of leaves of rank >= 2.
-    groups: the grouping rule (:mod:`dessilbi_jax.grouping`); ``None`` is the
+    groups: the grouping rule (:mod:`dessilbi_jax.core.grouping`); ``None`` is the
       reference rule: conv kernels -> ``filter``, 2-D -> ``lasso``, else none.
     lambdas: λ >= 0 of the proximal map: one number for every kind or a
       mapping ``{kind: λ}`` (missing kinds: 1.0). A number works with
@@ -369,17 +369,17 @@ def dessilbi(
     state_dtype: dtype of the momentum, ``Z`` and ``Γ``; default: the params'.
       Use ``jnp.float32`` with bf16/f16 params: ``Z`` accumulates steps of size α/ν.
     ordering_edges: order the writes of ``W``, ``Z`` and ``Γ`` with zero-valued
-      data edges (:mod:`dessilbi_jax.cpu_schedule`), which keeps XLA's CPU
+      data edges (:mod:`dessilbi_jax.core.cpu_schedule`), which keeps XLA's CPU
       backend from copying the buffers. ``None`` (default): on when JAX's
       default backend is the CPU (checked when the update is traced), unless
       params are sharded in their types;
       ``True``/``False`` force it. The numbers are the same to the bit either way.
     target_density: steer λ so that Γ's support ends on this density of the
       structured weights: a number ε in (0, 1] (model-wise, in weights, budget
-      cap) or a :class:`dessilbi_jax.target_density.Target` (per layer, in
+      cap) or a :class:`dessilbi_jax.core.target_density.Target` (per layer, in
       groups, dual ascent, every n steps). The support grows as DessiLBI's
       until it holds ε of the weights; then λ rises so that it never holds
-      more (see :mod:`dessilbi_jax.target_density`). ``None``: λ as given.
+      more (see :mod:`dessilbi_jax.core.target_density`). ``None``: λ as given.
     store_gamma: keep ``Γ`` in the state (default). ``False``: a lean state
       without ``Γ``, which is a function of ``Z`` (``Γ_g = s_g·Z_g`` with the
       per-group scale the state keeps; on lasso leaves ``κ·prox_λ(Z)`` with the

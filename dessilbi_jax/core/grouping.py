@@ -32,7 +32,7 @@ The default rule reproduces the reference implementation: conv kernels
 Example::
 
   >>> import jax.numpy as jnp
-  >>> from dessilbi_jax import grouping
+  >>> from dessilbi_jax.core import grouping
   >>> params = {'Conv_0': {'kernel': jnp.zeros((3, 3, 1, 8)), 'bias': jnp.zeros(8)},
   ...           'Dense_0': {'kernel': jnp.zeros((8, 10))}}
   >>> grouping.resolve_kinds(params, {'Dense_0/kernel': 'neuron'})

@@ -23,7 +23,8 @@ kernel and bias. The gates are ``{group name: log_α of shape (units,)}``.
 Example::
 
   >>> import jax, jax.numpy as jnp
-  >>> from dessilbi_jax import l0, models, structure, unit_gates
+  >>> from dessilbi_jax import l0, models, structure
+  >>> from dessilbi_jax.l0 import unit_gates
   >>> model = models.get_model('mlp', 10, (4,), widths=(3,))
   >>> x = jnp.ones((2, 4))
   >>> variables = model.init(jax.random.key(0), x)

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dessilbi_jax import grouping
-from dessilbi_jax.optimizer import DessiLBIState
-from dessilbi_jax.optimizer import gamma_of
+from dessilbi_jax.core import grouping
+from dessilbi_jax.core.optimizer import DessiLBIState
+from dessilbi_jax.core.optimizer import gamma_of
 
 try:
   from flax import nnx as _nnx
@@ -103,7 +103,7 @@ def gamma(opt_state):
   """The structure variable ``Γ``: a pytree with the params' structure.
 
   A lean state (``dl.dessilbi(..., store_gamma=False)``) keeps no ``Γ``: it is
-  rebuilt from ``Z`` (:func:`dessilbi_jax.optimizer.gamma_of`), to the bit what
+  rebuilt from ``Z`` (:func:`dessilbi_jax.core.optimizer.gamma_of`), to the bit what
   the stored one would be; so are the helpers below that read it.
   """
   return _field(opt_state, 'gamma', lambda s, _: gamma_of(s))
