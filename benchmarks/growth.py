@@ -1,4 +1,4 @@
-"""Growth against fixed widths, on the offline datasets (GROWTH.md, "How to judge it").
+"""Growth against fixed widths, on the offline datasets (docs/GROWTH.md, "Does it pay?").
 
 Per dataset and seed, the same total epochs for every network:
 

@@ -76,7 +76,7 @@ def dessilbi_init(params, kinds):
 
 def dessilbi_step(state, grads, *, kinds, alpha, kappa, mu, momentum, nesterov, weight_decay, lambdas,
                   normalize, param_dtype=None, state_dtype=None, lambda_of_path=None):
-  """One step k -> k+1 of ALGORITHM.md; ``alpha`` a number or a function of k, ``lambdas`` a number
+  """One step k -> k+1 of docs/ALGORITHM.md; ``alpha`` a number or a function of k, ``lambdas`` a number
   or a mapping {kind: λ} (``lambda_of_path``: {leaf path: λ} instead, for a target density). ``param_dtype`` / ``state_dtype`` round W / (b, Z, Γ) to a low precision
   after the step, as a library that stores them so does (``None``: float64 throughout)."""
   k = state['count']

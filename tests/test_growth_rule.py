@@ -1,4 +1,4 @@
-"""The growth rule (GROWTH.md) on constructed supports: thresholds, amounts, caps, stop, bad settings."""
+"""The growth rule (docs/GROWTH.md) on constructed supports: thresholds, amounts, caps, stop, bad settings."""
 
 import math
 

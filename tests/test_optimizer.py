@@ -1,4 +1,4 @@
-"""Tests of `dl.dessilbi`: a plain NumPy reference of ALGORITHM.md, the path, and the optax battery."""
+"""Tests of `dl.dessilbi`: a plain NumPy reference of docs/ALGORITHM.md, the path, and the optax battery."""
 
 import os
 import subprocess
@@ -78,7 +78,7 @@ def _lenet_problem(seed=0, steps=50, grad_scale=0.02, shapes=None):
 
 
 def _kinds(params, groups):
-  """The kinds the reference uses: the default rule of ALGORITHM.md, overridden by ``groups``."""
+  """The kinds the reference uses: the default rule of docs/ALGORITHM.md, overridden by ``groups``."""
   default = {4: 'filter', 3: 'filter', 2: 'lasso'}
   kinds = {path: default.get(w.ndim) for path, w in params.items()}
   kinds.update(groups or {})

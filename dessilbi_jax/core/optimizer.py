@@ -4,7 +4,7 @@ Fu, Liu, Li, Sun, Zeng, Yao. *DessiLBI: Exploring Structural Sparsity of Deep
 Networks via Differential Inclusion Paths.* ICML 2020,
 https://arxiv.org/abs/1905.09449.
 
-One step k -> k+1 (notation of ``ALGORITHM.md``; α the learning rate, κ
+One step k -> k+1 (notation of ``docs/ALGORITHM.md``; α the learning rate, κ
 ``kappa``, ν ``mu``, β ``momentum``, ω ``weight_decay``)::
 
   b_k     = β·b_{k−1} + g_k + ω·W_k            (ω only on leaves of rank >= 2)

@@ -1,4 +1,4 @@
-r"""Steering λ so that Γ's support lands on a chosen density (CONTROLLED_SPARSITY.md).
+r"""Steering λ so that Γ's support lands on a chosen density (docs/CONTROLLED_SPARSITY.md).
 
 DessiLBI's support is a deterministic function of Z and λ: group g is in it
 when ``‖Z_g‖ > λ``. ``dl.dessilbi(..., target_density=ε)`` steers the λ of

@@ -1,4 +1,4 @@
-"""``dessilbi grow``: train a narrow network with DessiLBI and let it grow (GROWTH.md).
+"""``dessilbi grow``: train a narrow network with DessiLBI and let it grow (docs/GROWTH.md).
 
 :func:`grow` is the command as a function: it starts from a dataset's growth
 preset (:data:`GROW_PRESETS`: the training preset of :mod:`dessilbi_jax.train`

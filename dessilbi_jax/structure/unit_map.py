@@ -3,7 +3,7 @@
 A **unit** is one output channel (conv filter) or hidden neuron; a
 :class:`UnitGroup` is a set of units that can only be removed or added
 together, with every :class:`Slice` of every array that belongs to it (see
-``STRUCTURE.md``). Residual additions tie channels, so one group may span many
+``docs/STRUCTURE.md``). Residual additions tie channels, so one group may span many
 layers (a residual stream); a :class:`UnitMap` is the tuple of a network's groups
 plus the rule that rebuilds the model with other widths.
 

@@ -128,7 +128,7 @@ class TrainConfig:
 
 
 # Why these numbers. Starting from Z = 0, Z_g integrates (α/ν)·W_g, so a group of norm ‖W_g‖ enters
-# Γ's support after about λ·ν / (α·‖W_g‖) steps (ALGORITHM.md); with normalize_groups ‖W_g‖ is the
+# Γ's support after about λ·ν / (α·‖W_g‖) steps (docs/ALGORITHM.md); with normalize_groups ‖W_g‖ is the
 # group's RMS, ≈ 1/√fan_in at initialization for a conv filter and for a single dense weight alike.
 PRESETS = {
     # 60 epochs of 22 steps (batch 64 of 1,442 images): 880 steps at α = 0.1, then 440 at α = 0.01 during

@@ -1,6 +1,6 @@
 r"""L0 gates in the trainer: ``dessilbi train --optimizer l0 --target-density ε`` (and ``l0_penalty``).
 
-Gallego-Posada et al. 2022 (``CONTROLLED_SPARSITY.md``): one hard-concrete gate
+Gallego-Posada et al. 2022 (``docs/CONTROLLED_SPARSITY.md``): one hard-concrete gate
 per unit of the model's unit map (conv output channels, through BatchNorm's
 scale and bias where there is one; dense hidden neurons), trained beside the
 weights as an :class:`~dessilbi_jax.train.ExtraTrainable`::
