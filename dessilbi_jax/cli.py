@@ -33,47 +33,63 @@ import time
 from typing import Optional, Sequence
 
 _TRAIN_FLAGS = {
-    # flag: (TrainConfig field, type, help)
+    # flag: (TrainConfig field, type, help); the optimizers' own flags come from their registry entries.
     '--dataset': ('dataset', str, "dataset name (listed below; default digits); picks the "
                   "preset that every other flag defaults to (train.PRESETS)"),
     '--model': ('model', str, 'model name (listed below; digits: lenet, mnist1d: conv1d)'),
-    '--optimizer': ('optimizer', str, 'dessilbi, sgd, adam, gmp, gmp_structured, prox_group_lasso, l0 '
-                                      '(L0 gates under --target-density) or l0_penalty'),
+    '--optimizer': ('optimizer', str, None),   # its help names the registry's entries (_optimizer_help)
     '--epochs': ('epochs', int, 'total epochs (digits 60, mnist1d 30); with --resume: the new total'),
     '--batch-size': ('batch_size', int, 'global batch size, a multiple of the device count (default 64)'),
-    '--lr': ('lr', float, 'learning rate α (default 0.1; 0.001 for adam)'),
+    '--lr': ('lr', float, 'learning rate α (default 0.1; 0.001 for adam, half the preset\'s for l0, l0_penalty)'),
     '--lr-decay-epochs': ('lr_decay_epochs', int,
                           'epochs after which the lr is multiplied by --lr-decay (digits 40, mnist1d 20)'),
     '--lr-decay': ('lr_decay', float, 'factor of each lr decay (default 0.1)'),
     '--momentum': ('momentum', float, 'heavy-ball momentum β (default 0.9)'),
     '--weight-decay': ('weight_decay', float, 'L2 weight decay ω on kernels (default 0)'),
-    '--kappa': ('kappa', float, 'DessiLBI damping κ (default 1)'),
-    '--mu': ('mu', float, 'DessiLBI coupling ν (default 20)'),
-    '--lambda': ('lambdas', str, 'DessiLBI threshold λ: one number, or kind=λ pairs such as filter=1 '
-                                 'lasso=0.03; kinds not named keep the preset\'s (digits 0.2, mnist1d 0.1)'),
-    '--sparsity': ('sparsity', float, 'gmp, gmp_structured: fraction of groups pruned at the end (default 0.9)'),
-    '--penalty': ('penalty', float, 'prox_group_lasso: λ of the penalty λ·Σ‖W_g‖; l0_penalty: λ of '
-                                    'λ·density (default 0.001)'),
-    '--target-density': ('target_density', float, 'dessilbi: steer λ so that Γ\'s support ends on this fraction '
-                                                   'of the structured weights, e.g. 0.3; l0: the gates\' '
-                                                   'density constraint'),
-    '--target-method': ('target_method', str, 'with --target-density: dual (dual ascent on λ, default) or budget '
-                                              '(a cap on the support; λ only rises)'),
-    '--constraint': ('constraint', str, 'with --target-density: model (one density for the network, default) '
-                                        'or layer (each layer\'s)'),
-    '--dual-lr': ('dual_lr', float, 'with --target-density: the dual learning rate (dessilbi 0.01, l0 0.1)'),
-    '--gates-lr': ('gates_lr', float, 'l0, l0_penalty: the gates\' own learning rate, never decayed (default 10)'),
-    '--droprate-init': ('droprate_init', float, 'l0, l0_penalty: p₀ of the gates\' initialization (default 0.3)'),
     '--seed': ('seed', int, 'seed of initialization, data order and augmentation (default 0)'),
     '--widths': ('widths', int, 'the model widths, e.g. --widths 6 16 120 84'),
     '--data-dir': ('data_dir', str, 'where datasets are prepared ($DESSILBI_DATA_DIR or tfds default)'),
     '--keep-checkpoints': ('keep_checkpoints', int, 'how many epoch checkpoints to keep (default 3)'),
 }
 _LIST_FIELDS = ('lr_decay_epochs', 'widths', 'lambdas')
+# dessilbi grow trains DessiLBI on widths of its own: these of DessiLBI's options, no target.
+_GROW_OPTIONS = ('kappa', 'mu', 'lambdas')
+
+
+def _optimizer_help(train) -> str:
+  return ('one of ' + ', '.join(train.OPTIMIZERS) + ' (default dessilbi); l0 trains L0 gates under '
+          '--target-density, l0_penalty under --penalty')
+
+
+def _option_flags(train):
+  """``(flag, field, argparse keywords)`` of every optimizer option: each field once, its help naming the
+  optimizers that take it (with their defaults) from the registry's sub-configs."""
+  import dataclasses
+  by_field = {}
+  for name, entry in train.OPTIMIZERS.items():
+    for f in dataclasses.fields(entry.config):
+      by_field.setdefault(f.name, []).append((name, f))
+  for field, owners in by_field.items():
+    texts = {}
+    for name, f in owners:
+      default = ('' if f.default is None else f' (default {"on" if f.default else "off"})'
+                 if isinstance(f.default, bool) else f' (default {f.default})')
+      texts.setdefault(f.metadata['help'] + default, []).append(name)
+    text = '; '.join(f'{", ".join(names)}: {help}' for help, names in texts.items())
+    example = owners[0][1].default
+    flag = '--' + {'lambdas': 'lambda'}.get(field, field).replace('_', '-')
+    if isinstance(example, bool):
+      keywords = dict(action=argparse.BooleanOptionalAction)
+    elif field in _LIST_FIELDS:
+      keywords = dict(type=str, nargs='*')
+    else:
+      keywords = dict(type=str if isinstance(example, str) else float)
+    yield flag, field, dict(keywords, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
   import dessilbi_jax
+  from dessilbi_jax import train
   from dessilbi_jax import models
   from dessilbi_jax.data import datasets
   names = (f'datasets: {", ".join(datasets.DATASETS)}; models: {", ".join(models.list_models())} '
@@ -87,14 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
   run = commands.add_parser('train', help='train a model, recording the path of Γ', epilog=names,
                             description='Train a model data-parallel over all local devices.')
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
-    run.add_argument(flag, dest=field, type=kind, default=None, help=text,
+    run.add_argument(flag, dest=field, type=kind, default=None, help=text or _optimizer_help(train),
                      nargs='*' if field in _LIST_FIELDS else None)
-  run.add_argument('--normalize-groups', dest='normalize_groups', action=argparse.BooleanOptionalAction,
-                   default=None, help='measure groups by ‖z_g‖/√size so that one λ suits filters and single '
-                                      'weights (default: on)')
-  run.add_argument('--store-gamma', dest='store_gamma', action=argparse.BooleanOptionalAction, default=None,
-                   help='keep Γ in the optimizer state (default: on); --no-store-gamma: a lean state, Γ rebuilt '
-                        'from Z when read, the same numbers with 4 bytes less state per weight')
+  options = run.add_argument_group('options of the optimizers', 'each for the --optimizer named before its '
+                                                                'text; the others refuse it')
+  for flag, field, keywords in _option_flags(train):
+    options.add_argument(flag, dest=field, **keywords)
   run.add_argument('--no-augment', dest='augment', action='store_false', default=None,
                    help='no random augmentation of training batches')
   run.add_argument('--out', help='output directory (default runs/<model>-<dataset>-<optimizer>-<time>)')
@@ -118,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           'each layer whose units are nearly all (--tau) in Γ\'s support; stop at '
                                           'the first check where none is; fine-tune the last --finetune-epochs.')
   for flag, (field, kind, text) in _TRAIN_FLAGS.items():
-    if flag not in ('--optimizer', '--widths', '--sparsity', '--penalty', '--target-density', '--target-method',
-                    '--constraint', '--dual-lr', '--gates-lr', '--droprate-init'):
+    if flag not in ('--optimizer', '--widths'):
       grow.add_argument(flag, dest=field, type=kind, default=None, help=text,
                         nargs='*' if field in _LIST_FIELDS else None)
+  for flag, field, keywords in _option_flags(train):
+    if field in _GROW_OPTIONS:
+      grow.add_argument(flag, dest=field, **dict(keywords, help=keywords['help'].replace('dessilbi: ', '')))
   grow.add_argument('--start-widths', dest='widths', type=int, nargs='*', default=None,
                     help='the widths to start from (default: the growth preset, digits 2 6 40 28, mnist1d 8 8 8)')
   grow.add_argument('--tau', type=float, default=None, help='grow a layer when this fraction of its units is '
@@ -187,14 +203,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-def _train(args, train) -> None:
-  given = {field: getattr(args, field) for field, *_ in _TRAIN_FLAGS.values() if getattr(args, field) is not None}
-  for flag in ('augment', 'normalize_groups', 'store_gamma'):
-    if getattr(args, flag, None) is not None:
-      given[flag] = getattr(args, flag)
+def _given(args, train, names) -> dict:
+  """The config fields of the flags given on the command line (flat: the optimizer's own among them)."""
+  given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
   for field in ('lr_decay_epochs', 'widths'):
     if field in given:
       given[field] = tuple(given[field]) or (None if field == 'widths' else ())
+  return given
+
+
+def train_config(args):
+  """The :class:`~dessilbi_jax.train.TrainConfig` of ``dessilbi train``'s parsed ``args``: the preset of
+  ``--dataset`` (with ``--resume``: the run's saved config) with the flags given replacing its fields."""
+  from dessilbi_jax import train
+  fields = [field for field, *_ in _TRAIN_FLAGS.values()] + [field for _, field, _ in _option_flags(train)]
+  given = _given(args, train, fields + ['augment'])
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the run to continue.')
@@ -202,11 +225,14 @@ def _train(args, train) -> None:
   else:
     base = train.preset(given.get('dataset', 'digits'), **({'optimizer': given['optimizer']} if 'optimizer' in given else {}))
   if 'lambdas' in given:
-    given['lambdas'] = _lambdas(given['lambdas'], base.lambdas)
+    given['lambdas'] = _lambdas(given['lambdas'], getattr(base, 'lambdas', None))
   if args.resume:
-    cfg = dataclasses.replace(base, **given)
-  else:
-    cfg = train.preset(given.pop('dataset', 'digits'), **given)
+    return dataclasses.replace(base, **given)
+  return train.preset(given.pop('dataset', 'digits'), **given)
+
+
+def _train(args, train) -> None:
+  cfg = train_config(args)
   if args.distributed:
     _initialize_distributed(args)
   elif any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
@@ -214,20 +240,16 @@ def _train(args, train) -> None:
   out = args.out or f'runs/{cfg.model}-{cfg.dataset}-{cfg.optimizer}-{time.strftime("%Y%m%d-%H%M%S")}'
   start = time.perf_counter()
   result = train.fit(cfg, out, resume=args.resume, quiet=args.quiet, fall_back=args.fall_back)
+  import jax
+  if jax.process_index() == 0:   # the one process that writes the run's files
+    train.write_run_plots(out)
   if result.history:   # under --quiet too: the one thing a log must end with
-    print(_summary(result.history, out, time.perf_counter() - start, train, cfg.target_density))
+    print(_summary(result, out, time.perf_counter() - start, train))
 
 
 def _grow(args, train) -> None:
   from dessilbi_jax import growth
-  given = {field: getattr(args, field) for field, *_ in _TRAIN_FLAGS.values()
-           if getattr(args, field, None) is not None}
-  if args.augment is not None:
-    given['augment'] = args.augment
-  if 'lr_decay_epochs' in given:
-    given['lr_decay_epochs'] = tuple(given['lr_decay_epochs'])
-  if 'widths' in given:
-    given['widths'] = tuple(given['widths']) or None
+  given = _given(args, train, [field for field, *_ in _TRAIN_FLAGS.values()] + list(_GROW_OPTIONS) + ['augment'])
   rule = {field: getattr(args, field) for field in ('tau', 'grow_every', 'finetune_epochs', 'max_width')
           if getattr(args, field) is not None}
   if args.resume:
@@ -264,24 +286,20 @@ def _compact(args) -> None:
         f'dessilbi_jax.structure.load_compact({str(args.out)!r}).')
 
 
-def _summary(history, out, seconds: float, train, target=None) -> str:
-  """Final accuracies, the support kept (against ``target``, a density), where the files are, the next command."""
+def _summary(result, out, seconds: float, train) -> str:
+  """Final accuracies, the support kept, the extensions' words, where the files are, the next command."""
+  history = result.history
   last = history[-1]
   percent = lambda v: f'{100 * v:.1f}%'
-  lines = [f'Done in {seconds:.0f} s, {last["epoch"]} epochs: test accuracy dense {percent(last["dense_test_acc"])}']
+  line = f'Done in {seconds:.0f} s, {last["epoch"]} epochs: test accuracy dense {percent(last["dense_test_acc"])}'
   if last['sparse_test_acc'] is not None:
     filters = [(r['groups_in_support'], r['groups']) for r in last['per_leaf'].values() if r['kind'] == 'filter']
     kept = f', filters {sum(k for k, _ in filters)}/{sum(n for _, n in filters)}' if filters else ''
-    lines[0] += (f', sparse {percent(last["sparse_test_acc"])} (W ⊙ 1[Γ≠0], keeping '
-                 f'{percent(last["weights_kept"])} of the weights{kept}'
-                 + (f'; target {percent(target)}' if target is not None else '') + ').')
-  elif last.get('expected_density') is not None:   # L0 gates
-    lines[0] += (f' with the median gates; L0 expected density {percent(last["expected_density"])}'
-                 + (f' (target {percent(target)})' if target is not None else '')
-                 + f'; purged network {percent(last["purged_test_acc"])} with {last["purged_params"]:,} params, '
-                 f'{last["purged_macs"]:,} MACs.')
+    line += (f', sparse {percent(last["sparse_test_acc"])} (W ⊙ 1[Γ≠0], keeping '
+             f'{percent(last["weights_kept"])} of the weights{kept})')
   elif last['weights_kept'] is not None:
-    lines[0] += f' ({percent(last["weights_kept"])} of the weights non-zero).'
+    line += f' ({percent(last["weights_kept"])} of the weights non-zero)'
+  lines = [''.join([line, *(f'; {text}' for text in train.extensions.summaries(result.extensions, last))]) + '.']
   lines.append(f'Files in {out}/: metrics.jsonl, path.npz (the regularization path), plots/*.png, checkpoints/.')
   epoch = train.suggest_epoch(history)
   if epoch is not None:
@@ -309,7 +327,8 @@ def _lambdas(words: Sequence[str], preset):
     if not pairs or any(len(pair) != 2 for pair in pairs):
       raise ValueError
     named = {kind: float(lam) for kind, lam in pairs}
-    before = dict(preset) if isinstance(preset, tuple) else {kind: preset for kind in _TRAINED_KINDS}
+    before = (dict(preset) if isinstance(preset, tuple) else {} if preset is None else
+              {kind: preset for kind in _TRAINED_KINDS})
     return tuple(sorted({**before, **named}.items()))
   except ValueError:
     raise ValueError(f'--lambda takes one number or kind=λ pairs (e.g. --lambda filter=1 lasso=0.03), '

@@ -53,7 +53,7 @@ def _run_script(script: str, env_extra=None, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_fit_writes_metrics_path_plots_and_checkpoints(run, tiny):
+def test_fit_writes_metrics_path_and_checkpoints_and_the_plots_come_from_them(run, tiny, tmp_path):
   out, result = run
   lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
   assert [h['epoch'] for h in lines] == [1, 2] and lines == result.history
@@ -79,9 +79,14 @@ def test_fit_writes_metrics_path_plots_and_checkpoints(run, tiny):
   assert not path[f'support/{conv}'][:, entry < 0].any()
   np.testing.assert_array_equal(path[f'support/{conv}'][-1],
                                 np.any(dl.support(result.opt_state)['Conv_1']['kernel'], axis=(0, 1, 2), keepdims=True))
-  assert sorted(p.name for p in (out / 'plots').iterdir()) == ['accuracy.png', 'entry_steps.png', 'support.png']
   assert checkpoint.saved_epochs(out / 'checkpoints') == [1, 2]
   assert train.load_config(out) == tiny
+  # fit draws no plots; write_run_plots draws them from the run's files (as `dessilbi train` does).
+  assert not (out / 'plots').exists()
+  drawn = tmp_path / 'drawn'
+  shutil.copytree(out, drawn)
+  train.write_run_plots(drawn)
+  assert sorted(p.name for p in (drawn / 'plots').iterdir()) == ['accuracy.png', 'entry_steps.png', 'support.png']
 
 
 def test_evaluate_matches_a_plain_numpy_count(run, tiny):
@@ -266,8 +271,13 @@ def test_presets_pick_model_and_hyperparameters_and_overrides_win():
 
 
 def test_config_json_round_trips_per_kind_lambdas(tiny, tmp_path):
-  cfg = dataclasses.replace(tiny, lambdas=(('filter', 2.0), ('lasso', 0.01)), sparsity=0.5, penalty=0.01)
+  cfg = dataclasses.replace(tiny, lambdas=(('filter', 2.0), ('lasso', 0.01)))
   assert train.TrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+  for name, entry in train.OPTIMIZERS.items():   # every sub-config, its fields changed from the defaults
+    changed = {f: (0.5 if isinstance(v, float) or v is None else not v if isinstance(v, bool) else v)
+               for f, v in dataclasses.asdict(entry.config()).items()}
+    other = dataclasses.replace(tiny, optimizer=name, **changed)
+    assert train.TrainConfig.from_json(json.loads(json.dumps(other.to_json()))) == other
   with pytest.raises(ValueError, match=r"unknown group kind\(s\) \['filtre'\]"):
     train.check_config(dataclasses.replace(tiny, lambdas=(('filtre', 1.0),)))
 
@@ -308,3 +318,116 @@ def test_a_lean_state_run_writes_the_stored_runs_files(run, tiny, tmp_path):
   for key in stored_path:
     np.testing.assert_array_equal(lean_path[key], stored_path[key], err_msg=key)
   assert train.load_config(lean_out) == lean_cfg
+
+
+# The optimizer registry: a field has one meaning and one default, in its optimizer's sub-config.
+
+DATA = pathlib.Path(__file__).resolve().parent / 'data'
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('dessilbi_target', train.TrainConfig(
+        epochs=3, widths=(4, 8, 16, 16),
+        opt=train.optimizers.DessiLBI(lambdas=(('filter', 1.0), ('lasso', 0.2)), store_gamma=False,
+                                      target_density=0.3, target_method='budget', constraint='layer', dual_lr=0.02))),
+    # dual_lr and droprate_init were null (a default resolved later); L0's own defaults now.
+    ('l0', train.TrainConfig(model='conv1d', dataset='mnist1d', optimizer='l0', epochs=2, lr=0.05,
+                             lr_decay_epochs=(20,), widths=(4, 4, 4),
+                             opt=train.optimizers.L0(target_density=0.25, gates_lr=5.0, dual_lr=0.1,
+                                                     droprate_init=0.3))),
+    ('gmp', train.TrainConfig(optimizer='gmp_structured', epochs=2, opt=train.optimizers.GMP(sparsity=0.5))),
+])
+def test_a_flat_config_json_of_before_the_registry_loads(name, expected):
+    """tests/data/flat_config_*/config.json were written by the trainer before the registry (every
+    optimizer's fields side by side); they load into the named optimizer's sub-config."""
+    flat = json.loads((DATA / f'flat_config_{name}' / 'config.json').read_text())
+    assert 'opt' not in flat and 'kappa' in flat and 'sparsity' in flat   # the old layout indeed
+    cfg = train.load_config(DATA / f'flat_config_{name}')
+    assert cfg == expected
+    assert cfg.to_json()['opt'] == dataclasses.asdict(expected.opt)   # written back nested
+    train.check_values(cfg)
+
+
+def test_each_field_lives_in_its_optimizers_sub_config():
+  l0 = train.TrainConfig(optimizer='l0', target_density=0.3)
+  assert l0.opt == train.optimizers.L0(target_density=0.3) and l0.target_density == l0.opt.target_density
+  # dual_lr: one field per optimizer, each with its own default.
+  assert (train.preset().opt.dual_lr, l0.opt.dual_lr) == (0.01, 0.1)
+  assert train.preset(target_density=0.3).opt.target_density == 0.3
+  # Read and replaced flat, another optimizer's defaults on a change of optimizer.
+  cfg = dataclasses.replace(train.preset('mnist1d'), kappa=2.0)
+  assert (cfg.opt.kappa, cfg.kappa, cfg.opt.lambdas) == (2.0, 2.0, 0.1)
+  assert dataclasses.replace(cfg, optimizer='gmp').opt == train.optimizers.GMP()
+  # A field the optimizer does not have: one error naming the optimizers that have it.
+  with pytest.raises(train.ConfigError, match=r'an option of --optimizer gmp or gmp_structured; --optimizer '
+                                              r'dessilbi cannot take it') as error:
+    train.TrainConfig(sparsity=0.5)
+  assert error.value.with_flag().startswith('--sparsity: ')
+  with pytest.raises(AttributeError, match="no field 'sparsity'.*gmp"):
+    train.TrainConfig().sparsity
+  assert train.TrainConfig(optimizer='l0_penalty', target_density=None, penalty=0.05).opt.penalty == 0.05
+  with pytest.raises(train.ConfigError, match='--optimizer l0 needs --target-density'):
+    train.check_values(train.TrainConfig(optimizer='l0'))
+  with pytest.raises(TypeError, match="unexpected keyword argument 'kapa'"):
+    train.TrainConfig(kapa=1.0)
+
+
+def test_the_registry_builds_each_optimizer_once_per_setting(tiny):
+  tx = train.make_optimizer(tiny, 11)
+  # Fields that do not reach the optimizer (the seed, the epochs of a schedule that does not end) share it.
+  assert train.make_optimizer(dataclasses.replace(tiny, seed=3, epochs=9), 11) is tx
+  assert train.make_optimizer(dataclasses.replace(tiny, kappa=2.0), 11) is not tx
+  gmp = dataclasses.replace(tiny, optimizer='gmp')
+  assert train.make_optimizer(gmp, 11) is train.make_optimizer(dataclasses.replace(gmp, seed=1), 11)
+  assert train.make_optimizer(gmp, 11) is not train.make_optimizer(dataclasses.replace(gmp, epochs=3), 11)
+
+
+def test_the_target_fields_reach_dessilbis_update(tiny):
+  """--target-density, --target-method, --constraint and --dual-lr: make_optimizer's DessiLBI takes the
+  same steps as dl.dessilbi given that Target."""
+  cfg = dataclasses.replace(tiny, target_density=0.2, constraint='layer', dual_lr=0.5)
+  model, info = train.build_model(cfg)
+  params = train.init_variables(model, info.input_shape, jax.random.PRNGKey(0))['params']
+  grads = jax.tree.map(lambda w: jnp.full_like(w, 0.5), params)
+  target = dl.core.target_density.Target(0.2, scope='layer', method='dual', rate=0.5)
+  reference = dl.dessilbi(train.learning_rate_schedule(cfg, 11), mu=cfg.mu, lambdas=cfg.lambdas,
+                          normalize_groups=True, target_density=target)
+  default_rate = dl.dessilbi(train.learning_rate_schedule(cfg, 11), mu=cfg.mu, lambdas=cfg.lambdas,
+                             normalize_groups=True, target_density=target._replace(rate=0.01))
+  states = []
+  for tx in (train.make_optimizer(cfg, 11), reference, default_rate):
+    state, p = tx.init(params), params
+    for _ in range(30):
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    states.append(state)
+  _assert_trees_equal(dl.gamma(states[0]), dl.gamma(states[1]))
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, dl.gamma(states[0]), dl.gamma(states[2]))))
+
+
+def test_a_new_optimizer_is_one_registry_entry(tiny, monkeypatch):
+  """A sub-config, a build and an extension factory: the config, make_optimizer, fit's extensions and
+  `dessilbi train --help` take it with no other edit."""
+  from dessilbi_jax import cli
+
+  @dataclasses.dataclass(frozen=True)
+  class Lion:
+    b1: float = train.optimizers.field(0.9, 'Lion\'s β₁')
+
+    def check(self):
+      train.optimizers.check_number('b1', self.b1, low=0, high=1, high_open=True)
+
+  seen = train.Extension('seen', metrics=lambda epoch: {'seen': 1}, summary=lambda row: f'seen {row["seen"]}')
+  entry = train.Optimizer(Lion, lambda opt, s: optax.lion(s.schedule, b1=opt.b1, weight_decay=s.weight_decay), (lambda cfg: seen,))
+  monkeypatch.setitem(train.OPTIMIZERS, 'lion', entry)
+  cfg = dataclasses.replace(tiny, optimizer='lion', b1=0.5)
+  assert cfg.opt == Lion(0.5)
+  with pytest.raises(train.ConfigError, match=r'b1: must be in \[0, 1\)'):
+    train.check_values(dataclasses.replace(cfg, b1=1.0))
+  params = {'w': jnp.ones(3)}
+  updates, _ = train.make_optimizer(cfg, 11).update({'w': jnp.ones(3)}, train.make_optimizer(cfg, 11).init(params), params)
+  np.testing.assert_allclose(updates['w'], -cfg.lr * np.ones(3))   # Lion without decay: −α·sign(update)
+  assert [e.name for e in train.optimizers.default_extensions(cfg)] == ['seen']
+  assert train.extensions.summaries(train.optimizers.default_extensions(cfg), {'seen': 1}) == ('seen 1',)
+  help_text = cli.build_parser()._subparsers._group_actions[0].choices['train'].format_help()
+  assert '--b1' in help_text and "lion: Lion's β₁ (default 0.9)" in ' '.join(help_text.split())

@@ -8,18 +8,23 @@ and only process 0 writes files. One job per file:
 
 ==========================  ==================================================
 ``config.py``               :class:`TrainConfig`, :data:`PRESETS`, the checks
-``optimizers.py``           :func:`make_optimizer`, the learning-rate schedule
+``optimizers.py``           :data:`OPTIMIZERS`, the registry: per optimizer its
+                            sub-config, its build, its extensions;
+                            :func:`make_optimizer`, the learning-rate schedule
 ``steps.py``                the model, :class:`TrainState`, the pmapped steps
 ``loop.py``                 :func:`fit`, the loop over epochs
 ``extensions.py``           what features add to the loop (below)
+``compact_report.py``       the compact network's metrics every epoch
+``l0_gates.py``             L0 gates trained beside the weights
 ``run_dir.py``              the run directory: files, lock, damage
 ``regularization_path.py``  :class:`RegularizationPath`, ``path.npz``
 ``tickets.py``              :func:`retrain_ticket`
 ==========================  ==================================================
 
 With an output directory :func:`fit` writes ``config.json``, ``init_params/``,
-``metrics.jsonl``, ``path.npz``, ``plots/*.png`` and ``checkpoints/<E>/``
-(see ``run_dir.py``). A line of ``metrics.jsonl`` holds ``epoch``, ``step``,
+``metrics.jsonl``, ``path.npz`` and ``checkpoints/<E>/`` (see ``run_dir.py``);
+:func:`write_run_plots` draws ``plots/*.png`` from them (``dessilbi train``
+does). A line of ``metrics.jsonl`` holds ``epoch``, ``step``,
 ``lr``, ``train_loss``, ``train_acc``, ``dense_test_acc`` (W),
 ``sparse_test_acc`` (W ⊙ 1[Γ≠0]), ``weights_kept`` and ``groups_kept``
 (fractions of the structured leaves' weights and groups inside Γ's support),
@@ -39,7 +44,10 @@ the loop without editing it: trainable state beside the params with its own
 optimizer (:class:`ExtraTrainable`: L0 gates, Lagrange multipliers), a hook
 after every epoch that may return a state of other shapes (:class:`Reshaped`:
 growth; the step is recompiled and the widths go into every checkpoint), and
-metrics per epoch (a compacted network's accuracy). For instance a scalar
+metrics per epoch (a compacted network's accuracy) with the words that
+say them on screen. An optimizer's registry entry names the extensions it
+trains with (L0 gates; the compact network's metrics), so the loop names no
+feature. For instance a scalar
 ``s`` pulled towards 3 by a loss term ``(s − 3)²/2`` and reported per epoch::
 
   >>> import jax.numpy as jnp, optax
@@ -70,6 +78,7 @@ from dessilbi_jax.train.l0_gates import l0_extension
 from dessilbi_jax.train.loop import TrainResult
 from dessilbi_jax.train.loop import fit
 from dessilbi_jax.train.optimizers import OPTIMIZERS
+from dessilbi_jax.train.optimizers import Optimizer
 from dessilbi_jax.train.optimizers import learning_rate_schedule
 from dessilbi_jax.train.optimizers import make_optimizer
 from dessilbi_jax.train.regularization_path import DamagedFileError
@@ -78,6 +87,7 @@ from dessilbi_jax.train.run_dir import RunLockedError
 from dessilbi_jax.train.run_dir import load_config
 from dessilbi_jax.train.run_dir import load_path
 from dessilbi_jax.train.run_dir import write_plots
+from dessilbi_jax.train.run_dir import write_run_plots
 from dessilbi_jax.train.steps import TrainState
 from dessilbi_jax.train.steps import build_model
 from dessilbi_jax.train.steps import evaluate
@@ -89,8 +99,8 @@ from dessilbi_jax.train.tickets import ticket_masks
 
 __all__ = (
     'ConfigError', 'DamagedFileError', 'Epoch', 'Extension', 'ExtraTrainable', 'INITS', 'OPTIMIZERS',
-    'PRESETS', 'RegularizationPath', 'Reshaped', 'RunLockedError', 'TrainConfig', 'TrainResult',
+    'Optimizer', 'PRESETS', 'RegularizationPath', 'Reshaped', 'RunLockedError', 'TrainConfig', 'TrainResult',
     'TrainState', 'build_model', 'check_config', 'check_values', 'evaluate', 'fit', 'init_variables',
     'l0_extension', 'learning_rate_schedule', 'load_config', 'load_path', 'make_optimizer', 'model_fields', 'preset', 'retrain_ticket',
-    'suggest_epoch', 'ticket_masks', 'write_plots',
+    'suggest_epoch', 'ticket_masks', 'write_plots', 'write_run_plots',
 )

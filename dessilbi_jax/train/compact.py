@@ -1,15 +1,14 @@
 """The compact network of a training run: its metrics each epoch, and ``dessilbi compact``.
 
 * :func:`compact_keep` is the keep-mask a run's state implies: Γ's support for
-  DessiLBI, the non-zero weights otherwise (GMP, the group lasso, a ticket);
+  DessiLBI, the non-zero weights otherwise (GMP, the group lasso, a ticket)
+  (:mod:`~dessilbi_jax.train.compact_report`);
 * :func:`compact_metrics` gives ``compact_test_acc``, ``compact_params`` and
   ``compact_macs`` of the network :func:`~dessilbi_jax.structure.remove`
   would give now (for the trainer's per-epoch metrics);
-* :func:`compact_extension` reports those three every epoch of
-  :func:`dessilbi_jax.train.fit` (it adds it by itself): the accuracy is that
-  of the whole-unit-masked network (:func:`~dessilbi_jax.structure.zero`),
-  which computes what the removed one computes, so the step compiled for the
-  full network serves and nothing is rebuilt per epoch;
+* :func:`~dessilbi_jax.train.compact_report.compact_extension` reports those
+  three every epoch of :func:`dessilbi_jax.train.fit` (a default extension of
+  the optimizers with a keep-mask);
 * :func:`compact_run` reads a run directory's checkpoint and writes the
   compact model (``dessilbi compact --run DIR [--epoch E] --out DIR2``).
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import warnings
 from typing import Any, Optional
 
 import jax
@@ -27,26 +25,15 @@ import numpy as np
 
 from dessilbi_jax import data
 from dessilbi_jax import models
-from dessilbi_jax.core import path as dl_path
 from dessilbi_jax.structure import export
-from dessilbi_jax.structure import masks
 from dessilbi_jax.structure import surgery
-from dessilbi_jax.structure.count import count
-from dessilbi_jax.structure.trace import UntraceableError
 from dessilbi_jax.structure.trace import trace
 from dessilbi_jax.structure.unit_map import UnitMap
 from dessilbi_jax.train import checkpoint
 from dessilbi_jax.train import steps
-from dessilbi_jax.train.extensions import Extension
+from dessilbi_jax.train.compact_report import compact_keep
 from dessilbi_jax.train.optimizers import make_optimizer
 from dessilbi_jax.train.run_dir import load_config
-
-
-def compact_keep(unit_map: UnitMap, params, opt_state) -> dict[str, np.ndarray]:
-  """Γ's support if ``opt_state`` holds a DessiLBI state, else the non-zero weights of ``params``."""
-  if opt_state is not None and dl_path.find_states(opt_state):
-    return masks.keep_from_support(unit_map, opt_state)
-  return masks.keep_from_weights(unit_map, jax.tree.map(lambda w: np.asarray(w) != 0, jax.device_get(params)))
 
 
 def compact(model, variables, opt_state, input_shape, *, unit_map: Optional[UnitMap] = None):
@@ -69,41 +56,6 @@ def compact_metrics(model, variables, opt_state, dataset: str, input_shape, *, d
   return dict(compact_test_acc=steps.evaluate(small, small_vars, dataset, data_dir=data_dir),
               compact_params=models.count_params(small_vars['params']),
               compact_macs=models.count_flops(small, tuple(input_shape)))
-
-
-NAME = 'compact'
-
-
-def compact_extension():
-  """The trainer extension that adds ``compact_test_acc``, ``compact_params``, ``compact_macs`` to every epoch.
-
-  ``None`` entries where the model's unit map cannot be traced (a user's model
-  with an op :func:`~dessilbi_jax.structure.trace` cannot follow).
-  """
-  maps: dict[Any, Optional[UnitMap]] = {}
-
-  def metrics(epoch) -> dict[str, Any]:
-    state = epoch.state
-    variables = {'params': state.params, **({'batch_stats': state.batch_stats} if state.batch_stats else {})}
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), variables)
-    key = (id(epoch.model), str(jax.tree.structure(shapes)), tuple(np.shape(a) for a in jax.tree.leaves(shapes)))
-    if key not in maps:
-      x = jax.ShapeDtypeStruct((1, *data.dataset_info(epoch.cfg.dataset).input_shape), jnp.float32)
-      try:
-        maps[key] = trace(epoch.model, shapes, x)
-      except (UntraceableError, ValueError):
-        maps[key] = None
-    unit_map = maps[key]
-    if unit_map is None:
-      return dict(compact_test_acc=None, compact_params=None, compact_macs=None)
-    keep = compact_keep(unit_map, state.params, state.opt_state)
-    with warnings.catch_warnings():   # early in a run most layers would lose every unit (each keeps one): no warning per epoch
-      warnings.simplefilter('ignore', UserWarning)
-      params, macs = count(unit_map, variables, keep)
-      masked = surgery.zero(variables, unit_map, keep)
-    return dict(compact_test_acc=epoch.evaluate(epoch.model, masked), compact_params=params, compact_macs=macs)
-
-  return Extension(NAME, metrics=metrics)
 
 
 def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True) -> dict[str, Any]:

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import jax
 
 from dessilbi_jax import data
-from dessilbi_jax.core import grouping
 from dessilbi_jax import models
-from dessilbi_jax.core import target_density
 from dessilbi_jax.train.optimizers import OPTIMIZERS
+from dessilbi_jax.train.optimizers import ConfigError
+from dessilbi_jax.train.optimizers import check_bool
+from dessilbi_jax.train.optimizers import check_number
+from dessilbi_jax.train.optimizers import config_from_json
+from dessilbi_jax.train.optimizers import fields_of
 from dessilbi_jax.train.optimizers import make_optimizer
+from dessilbi_jax.train.optimizers import option_fields
+from dessilbi_jax.train.optimizers import owners
 from dessilbi_jax.train.steps import build_model
 from dessilbi_jax.train.steps import layer_widths_field
 
 INITS = ('rewind', 'reinit')
-
-Lambdas = Union[float, tuple[tuple[str, float], ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,40 +34,28 @@ class TrainConfig:
   :func:`preset` gives each dataset's (see :data:`PRESETS` for the reasons
   behind the numbers).
 
+  The optimizer's own hyperparameters are ``opt``, an instance of its
+  registry entry's sub-config (:data:`dessilbi_jax.train.OPTIMIZERS`:
+  ``DessiLBI`` holds κ, ν, λ and the target density, ``L0`` the gates'
+  constraint, ``GMP`` the sparsity, ...). They may be given and read flat,
+  as the command line gives them: ``TrainConfig(optimizer='l0',
+  target_density=0.3)`` is ``TrainConfig(optimizer='l0',
+  opt=L0(target_density=0.3))``, ``cfg.kappa`` is ``cfg.opt.kappa``, and
+  ``dataclasses.replace(cfg, kappa=2.0)`` replaces it in ``opt``. A field the
+  optimizer does not have is an error (``None`` counts as not given); another
+  ``optimizer`` starts from its own sub-config's defaults.
+
   Attributes:
     model, dataset: names of :func:`dessilbi_jax.models.get_model` and
       :data:`dessilbi_jax.data.DATASETS`.
-    optimizer: one of :data:`OPTIMIZERS`.
+    optimizer: a name of :data:`~dessilbi_jax.train.OPTIMIZERS`.
+    opt: its sub-config (``None``: the defaults).
     epochs: total epochs (a resumed run continues up to this many).
     batch_size: global batch (over all devices and hosts).
     lr: α; ``lr_decay_epochs`` lists the epochs after which it is multiplied
       by ``lr_decay`` (piecewise constant, so it does not depend on ``epochs``
       and a run can be extended with ``resume``).
     momentum, weight_decay: β and ω (weight decay on leaves of rank >= 2).
-    kappa, mu: κ and ν of DessiLBI.
-    lambdas: λ, DessiLBI's threshold in the proximal map (``dl.dessilbi(lambdas=)``):
-      one number for every group kind, or ``((kind, λ), ...)`` pairs (kinds
-      not named get λ = 1), e.g. ``(('filter', 1.0), ('lasso', 0.03))``.
-    normalize_groups: measure a group by ‖z_g‖ / √(group size) in the
-      proximal map, so that one λ suits filters and single weights.
-    store_gamma: DessiLBI keeps Γ in its state (``False``: a lean state, Γ
-      rebuilt from Z when read; the same numbers, 4 bytes less per weight).
-    sparsity: ``gmp``, ``gmp_structured``: the fraction of groups pruned at
-      the end (:func:`dessilbi_jax.baselines.make_baseline`).
-    penalty: ``prox_group_lasso``: the weight of the penalty penalty·Σ_g ‖W_g‖₂
-      (not DessiLBI's λ).
-    target_density: DessiLBI: steer λ so that Γ's support ends on this
-      fraction of the structured weights (:mod:`dessilbi_jax.core.target_density`;
-      ``None``: λ as given); ``l0``: the density constraint on the gates.
-    target_method: how: ``'dual'`` (dual ascent on λ, which may also lower
-      it) or ``'budget'`` (a cap on the support; λ only rises).
-    constraint: ``'model'`` (one density over every structured layer) or
-      ``'layer'`` (each layer's).
-    dual_lr: the dual learning rate (DessiLBI ``'dual'``: how fast λ moves
-      per step and unit of density gap, ``None``: 0.01; ``l0``: the multipliers', ``None``: 0.1).
-    gates_lr, droprate_init: ``l0``, ``l0_penalty``: the gates' own learning
-      rate (never decayed; ``None``: 10) and p₀ of their initialization
-      (``None``: 0.3). ``l0_penalty`` takes ``penalty`` as its fixed λ.
     seed: initialization, data order and augmentation.
     widths: the model's widths (``None``: the reference architecture).
     layer_widths: the ResNets' per-layer widths of a removed or grown network,
@@ -78,6 +68,7 @@ class TrainConfig:
   model: str = 'lenet'
   dataset: str = 'digits'
   optimizer: str = 'dessilbi'
+  opt: Any = None
   epochs: int = 60
   batch_size: int = 64
   lr: float = 0.1
@@ -85,19 +76,6 @@ class TrainConfig:
   lr_decay: float = 0.1
   momentum: float = 0.9
   weight_decay: float = 0.0
-  kappa: float = 1.0
-  mu: float = 20.0
-  lambdas: Lambdas = 0.2
-  normalize_groups: bool = True
-  store_gamma: bool = True
-  sparsity: float = 0.9
-  penalty: float = 1e-3
-  target_density: Optional[float] = None
-  target_method: str = 'dual'
-  constraint: str = 'model'
-  dual_lr: Optional[float] = None
-  gates_lr: Optional[float] = None
-  droprate_init: Optional[float] = None
   seed: int = 0
   widths: Optional[tuple[int, ...]] = None
   layer_widths: Optional[tuple[tuple[str, Any], ...]] = None
@@ -105,26 +83,78 @@ class TrainConfig:
   augment: bool = True
   keep_checkpoints: int = 3
 
+  def __getattr__(self, name: str):
+    # Only for names that are not fields: the optimizer's own, read flat (cfg.kappa is cfg.opt.kappa).
+    opt = self.__dict__.get('opt')
+    if opt is not None and not name.startswith('__') and name in fields_of(opt):
+      return getattr(opt, name)
+    raise AttributeError(f'TrainConfig has no field {name!r}' + (
+        f' (--optimizer {self.__dict__.get("optimizer")} has no such option; it is one of {owners(name)}\'s)'
+        if owners(name) else ''))
+
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, values: Mapping[str, Any]) -> 'TrainConfig':
-    """The config of ``to_json`` (also those written before ``lambda_`` was renamed ``lambdas``)."""
+    """The config of ``to_json``; also a flat one, as written before the optimizer registry (every
+    optimizer's fields side by side: those of other optimizers are dropped, ``null`` ones take the
+    default), and one written before ``lambda_`` was renamed ``lambdas``."""
     values = dict(values)
     if 'lambda_' in values and 'lambdas' not in values:
       values['lambdas'] = values.pop('lambda_')
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = set(_FIELDS) | set(option_fields())
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f'Unknown TrainConfig field(s) {unknown}; the fields are {sorted(known)}.')
+    name = values.get('optimizer', cls.optimizer)
+    flat = {k: values.pop(k) for k in option_fields() if k in values}
+    if name in OPTIMIZERS:
+      config = OPTIMIZERS[name].config
+      if isinstance(values.get('opt'), Mapping):
+        values['opt'] = config_from_json(config, values['opt'])
+      elif values.get('opt') is None:
+        values['opt'] = config_from_json(config, {k: v for k, v in flat.items()
+                                                  if k in fields_of(config) and v is not None})
     for name in ('widths', 'lr_decay_epochs'):
       if values.get(name) is not None:
         values[name] = tuple(values[name])
     values['layer_widths'] = layer_widths_field(values.get('layer_widths'))
-    if isinstance(values.get('lambdas'), (list, tuple)):
-      values['lambdas'] = tuple((str(kind), float(lam)) for kind, lam in values['lambdas'])
     return cls(**values)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_fields_init = TrainConfig.__init__
+
+
+def _init(self, **values) -> None:
+  """The dataclass's ``__init__``, with the optimizer's fields also given flat (class docstring)."""
+  flat = {k: values.pop(k) for k in list(values) if k not in _FIELDS}
+  name = values.get('optimizer', TrainConfig.optimizer)
+  entry = OPTIMIZERS.get(name) if isinstance(name, str) else None
+  if entry is None:   # check_values names the optimizer; nothing to route the fields to
+    unknown = sorted(k for k, v in flat.items() if v is not None)
+    if unknown:
+      raise ConfigError(unknown[0], f'is not a TrainConfig field of --optimizer {name!r}.')
+  else:
+    opt = values.get('opt')
+    if isinstance(opt, Mapping):
+      opt = config_from_json(entry.config, opt)
+    if type(opt) is not entry.config:
+      opt = entry.config()
+    given = {k: v for k, v in flat.items() if v is not None or k in fields_of(opt)}
+    for key in given:
+      if key not in fields_of(opt):
+        takers = owners(key)
+        if not takers:
+          raise TypeError(f'TrainConfig got an unexpected keyword argument {key!r}')
+        raise ConfigError(key, f'an option of --optimizer {" or ".join(takers)}; --optimizer {name} cannot '
+                               f'take it (leave it out, or use --optimizer {takers[0]}).')
+    values['opt'] = dataclasses.replace(opt, **given)
+  _fields_init(self, **values)
+
+
+TrainConfig.__init__ = _init
 
 
 # Why these numbers. Starting from Z = 0, Z_g integrates (α/ν)·W_g, so a group of norm ‖W_g‖ enters
@@ -160,20 +190,20 @@ PRESETS = {
 def preset(dataset: str = 'digits', **overrides) -> TrainConfig:
   """The preset of ``dataset`` (:data:`PRESETS`) with ``overrides`` replacing its fields.
 
+  ``overrides`` may name the optimizer's fields flat (:class:`TrainConfig`).
   A dataset without a preset gets the defaults with LeNet-5 for images and
-  the 1-D convnet for signals. Adam starts from α = 1e-3 unless ``lr`` is
-  given; L0-gated runs (``l0``, ``l0_penalty``) from half the preset's α (at
-  digits' 0.1 the gated LeNet collapsed to chance, as plain SGD-momentum does
-  on one seed in three; at 0.05 it trains, ``benchmarks/controlled_sparsity.py``).
+  the 1-D convnet for signals. Another ``optimizer`` starts from its registry
+  entry's α unless ``lr`` is given (Adam 1e-3; the L0-gated runs half the
+  preset's, :data:`~dessilbi_jax.train.OPTIMIZERS`).
 
   Example::
 
     >>> from dessilbi_jax import train
     >>> cfg = train.preset('mnist1d', seed=1)
-    >>> cfg.model, cfg.seed
-    ('conv1d', 1)
+    >>> cfg.model, cfg.seed, cfg.opt.lambdas
+    ('conv1d', 1, 0.1)
   """
-  known = {f.name for f in dataclasses.fields(TrainConfig)}
+  known = set(_FIELDS) | set(option_fields())
   unknown = sorted(set(overrides) - known)
   if unknown:
     raise ValueError(f'Unknown TrainConfig field(s) {unknown}; the fields are {sorted(known)}.')
@@ -182,23 +212,10 @@ def preset(dataset: str = 'digits', **overrides) -> TrainConfig:
   else:
     signals = len(data.dataset_info(dataset).input_shape) == 2
     cfg = TrainConfig(model='conv1d' if signals else 'lenet', dataset=dataset)
-  if overrides.get('optimizer') == 'adam' and 'lr' not in overrides:
-    overrides['lr'] = 1e-3
-  if overrides.get('optimizer') in ('l0', 'l0_penalty') and 'lr' not in overrides:
-    overrides['lr'] = cfg.lr / 2
+  entry = OPTIMIZERS.get(overrides.get('optimizer'))
+  if entry is not None and entry.lr is not None and 'lr' not in overrides:
+    overrides['lr'] = entry.lr(cfg.lr)
   return dataclasses.replace(cfg, **overrides)
-
-
-class ConfigError(ValueError):
-  """A bad value of a :class:`TrainConfig` field; the CLI names its flag instead (``flag``)."""
-
-  def __init__(self, field: str, problem: str):
-    super().__init__(f'{field}: {problem}')
-    self.field, self.problem = field, problem
-
-  def with_flag(self) -> str:
-    flag = {'lambdas': 'lambda'}.get(self.field, self.field).replace('_', '-')
-    return f'--{flag}: {self.problem}'
 
 
 def check_values(cfg: TrainConfig) -> None:
@@ -210,60 +227,22 @@ def check_values(cfg: TrainConfig) -> None:
     >>> train.check_values(train.TrainConfig(kappa='1'))
     Traceback (most recent call last):
     ...
-    dessilbi_jax.train.config.ConfigError: kappa: must be a number, got '1' (str).
+    dessilbi_jax.train.optimizers.ConfigError: kappa: must be a number, got '1' (str).
   """
-  def number(field, *, low=None, high=None, low_open=False, high_open=False, integer=False):
-    value = getattr(cfg, field)
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-      raise ConfigError(field, f'must be {"an integer" if integer else "a number"}, got {value!r} '
-                               f'({type(value).__name__}).')
-    if not math.isfinite(value):
-      raise ConfigError(field, f'must be finite, got {value}.')
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above:
-      interval = (f'{"(" if low_open else "["}{"-inf" if low is None else low}, '
-                  f'{"inf" if high is None else high}{")" if high_open or high is None else "]"}')
-      raise ConfigError(field, f'must be in {interval}, got {value}.')
-
   for field in ('model', 'dataset', 'optimizer'):
     if not isinstance(getattr(cfg, field), str):
       raise ConfigError(field, f'must be a name, got {getattr(cfg, field)!r}.')
   if cfg.optimizer not in OPTIMIZERS:
-    raise ConfigError('optimizer', f'Unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}.')
-  number('epochs', low=1, integer=True)
-  number('batch_size', low=1, integer=True)
-  number('lr', low=0, low_open=True)
-  number('lr_decay', low=0, low_open=True)
-  number('momentum', low=0, high=1, high_open=True)
-  number('weight_decay', low=0)
-  number('kappa', low=0, low_open=True)
-  number('mu', low=0, low_open=True)
-  number('sparsity', low=0, high=1, high_open=True)
-  number('penalty', low=0)
-  if cfg.target_density is not None:
-    number('target_density', low=0, high=1, low_open=True)
-    if cfg.optimizer not in ('dessilbi', 'l0'):
-      raise ConfigError('target_density', f'--target-density steers DessiLBI\'s λ or constrains L0 gates; '
-                                          f'--optimizer {cfg.optimizer} cannot take it (leave it out, or use '
-                                          '--optimizer dessilbi or l0).')
-  elif cfg.optimizer == 'l0':
-    raise ConfigError('target_density', '--optimizer l0 needs --target-density, the density the gates must '
-                                        'keep (e.g. --target-density 0.3); for a fixed penalty use '
-                                        '--optimizer l0_penalty --penalty 0.001.')
-  if cfg.gates_lr is not None:
-    number('gates_lr', low=0, low_open=True)
-  if cfg.droprate_init is not None:
-    number('droprate_init', low=0, high=1, low_open=True, high_open=True)
-  if cfg.target_method not in target_density.METHODS:
-    raise ConfigError('target_method', f'must be one of {target_density.METHODS}, got {cfg.target_method!r}.')
-  if cfg.constraint not in target_density.SCOPES:
-    raise ConfigError('constraint', f'must be one of {target_density.SCOPES}, got {cfg.constraint!r}.')
-  if cfg.dual_lr is not None:
-    number('dual_lr', low=0, low_open=True)
-  number('seed', low=0, integer=True)
-  number('keep_checkpoints', low=1, integer=True)
+    raise ConfigError('optimizer', f'Unknown optimizer {cfg.optimizer!r}; choose one of {tuple(OPTIMIZERS)}.')
+  cfg.opt.check()
+  check_number('epochs', cfg.epochs, low=1, integer=True)
+  check_number('batch_size', cfg.batch_size, low=1, integer=True)
+  check_number('lr', cfg.lr, low=0, low_open=True)
+  check_number('lr_decay', cfg.lr_decay, low=0, low_open=True)
+  check_number('momentum', cfg.momentum, low=0, high=1, high_open=True)
+  check_number('weight_decay', cfg.weight_decay, low=0)
+  check_number('seed', cfg.seed, low=0, integer=True)
+  check_number('keep_checkpoints', cfg.keep_checkpoints, low=1, integer=True)
   if not isinstance(cfg.lr_decay_epochs, tuple) or any(
       isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in cfg.lr_decay_epochs):
     raise ConfigError('lr_decay_epochs', f'must be epochs >= 1, got {cfg.lr_decay_epochs!r}.')
@@ -274,23 +253,14 @@ def check_values(cfg: TrainConfig) -> None:
       not isinstance(p, tuple) or len(p) != 2 or p[0] not in models.LAYER_WIDTHS for p in cfg.layer_widths)):
     raise ConfigError('layer_widths', f'must be (name, value) pairs of {models.LAYER_WIDTHS}, got '
                                       f'{cfg.layer_widths!r}.')
-  pairs = cfg.lambdas if isinstance(cfg.lambdas, tuple) else (('every kind', cfg.lambdas),)
-  for kind, lam in pairs:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
-      raise ConfigError('lambdas', f'must be finite numbers >= 0, got {lam!r} for {kind}.')
-  unknown = sorted({kind for kind, _ in pairs} - set(grouping.KINDS) - {'every kind'})
-  if unknown:
-    raise ConfigError('lambdas', f'names unknown group kind(s) {unknown}; kinds are {grouping.KINDS}.')
-  for field in ('normalize_groups', 'augment'):
-    if not isinstance(getattr(cfg, field), bool):
-      raise ConfigError(field, f'must be True or False, got {getattr(cfg, field)!r}.')
+  check_bool('augment', cfg.augment)
 
 
 def check_config(cfg: TrainConfig) -> None:
   """Raises ValueError for a config that cannot run here, before any work.
 
   :func:`check_values`, then the names of the model and dataset, the batch
-  against the devices and the training set, and the optimizer's own checks.
+  against the devices and the training set, and the optimizer's own build.
   """
   check_values(cfg)
   devices = jax.local_device_count() * jax.process_count()

@@ -15,8 +15,11 @@ NamedTuple, like optax's ``GradientTransformation``; nothing to subclass):
   the step once more, and stores them in every later checkpoint, so that
   ``resume`` rebuilds the grown network.
 * ``metrics(epoch: Epoch) -> dict``: numbers added to the epoch's row of
-  ``metrics.jsonl`` and to its line on screen (e.g. a compacted network's
-  accuracy, params and MACs, measured with ``epoch.evaluate``).
+  ``metrics.jsonl`` (e.g. a compacted network's accuracy, params and MACs,
+  measured with ``epoch.evaluate``).
+* ``summary(row) -> str | None``: the feature's words about an epoch's row,
+  on that epoch's line and at the end of ``dessilbi train`` (without it, the
+  line shows the scalar metrics the extension added as ``key value``).
 
 Extensions run in the order given; pass the same ones again to resume.
 """
@@ -91,10 +94,17 @@ class Extension(NamedTuple):
   trainable: Optional[ExtraTrainable] = None
   epoch_end: Optional[Callable[[Epoch], Optional[Reshaped]]] = None
   metrics: Optional[Callable[[Epoch], Mapping[str, Any]]] = None
+  summary: Optional[Callable[[Mapping[str, Any]], Optional[str]]] = None
 
 
 def trainables(extensions) -> tuple[tuple[str, ExtraTrainable], ...]:
   return tuple((e.name, e.trainable) for e in extensions if e.trainable is not None)
+
+
+def summaries(extensions, row: Mapping[str, Any]) -> tuple[str, ...]:
+  """The extensions' words about ``row`` (those that have some)."""
+  texts = (e.summary(row) for e in extensions if e.summary is not None)
+  return tuple(t for t in texts if t)
 
 
 def check_names(extensions) -> None:

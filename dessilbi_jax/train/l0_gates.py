@@ -44,7 +44,7 @@ from dessilbi_jax.train.extensions import Extension
 from dessilbi_jax.train.extensions import ExtraTrainable
 
 NAME = 'l0'
-L0_OPTIMIZERS = ('l0', 'l0_penalty')
+# The defaults of train.optimizers.L0 / L0Penalty (--gates-lr, --dual-lr, --droprate-init).
 GATES_LR = 10.0       # measured on digits: at 1.0 (the seed paper's on ImageNet) the gates came down too slowly
 DUAL_LR = 0.1         # η_λ when --dual-lr is not given: at 0.01, mnist1d's gates saturated above a 30 % target
 DROPRATE_INIT = 0.3   # p₀ of the seed paper on CIFAR (Louizos's 0.5 on MNIST came down as well, less stably)
@@ -69,23 +69,22 @@ def l0_extension(cfg) -> Extension:
   model, unit_map, template = _unit_map(cfg)
   names = unit_gates.gated_groups(unit_map)
   sizes = unit_gates.group_sizes(template, unit_map, names)
-  droprate = DROPRATE_INIT if cfg.droprate_init is None else cfg.droprate_init
+  opt = cfg.opt   # train.optimizers.L0 or L0Penalty: the defaults are theirs
+  droprate = opt.droprate_init
   penalized = cfg.optimizer == 'l0_penalty'
-  scope = cfg.constraint
   violation = (lambda a: l0.model_density(a, sizes)) if penalized else l0.density_constraint(
-      sizes, cfg.target_density, scope=scope)
+      sizes, opt.target_density, scope=opt.constraint)
 
   def init(params, key):
     del params
     keys = jax.random.split(key, len(names))
     log_alpha = {n: l0.init_log_alpha(k, (unit_map[n].size,), droprate) for n, k in zip(names, keys)}
     values = violation(log_alpha)
-    fill = cfg.penalty if penalized else 0.0   # the multipliers start at 0 (constrained), at λ (penalized)
+    fill = opt.penalty if penalized else 0.0   # the multipliers start at 0 (constrained), at λ (penalized)
     return {'log_alpha': log_alpha, 'multipliers': jax.tree.map(lambda v: jnp.full_like(v, fill), values)}
 
-  gates_tx = clamped(optax.sgd(GATES_LR if cfg.gates_lr is None else cfg.gates_lr), -l0.LOG_ALPHA_BOUND,
-                     l0.LOG_ALPHA_BOUND)
-  dual_tx = optax.set_to_zero() if penalized else constraints.dual_sgd(DUAL_LR if cfg.dual_lr is None else cfg.dual_lr)
+  gates_tx = clamped(optax.sgd(opt.gates_lr), -l0.LOG_ALPHA_BOUND, l0.LOG_ALPHA_BOUND)
+  dual_tx = optax.set_to_zero() if penalized else constraints.dual_sgd(opt.dual_lr)
   tx = optax.multi_transform({'gates': gates_tx, 'dual': dual_tx},
                              {'log_alpha': 'gates', 'multipliers': 'dual'})
 
@@ -118,7 +117,14 @@ def l0_extension(cfg) -> Extension:
                 multipliers=multipliers, multiplier_max=max(jax.tree.leaves(multipliers)),
                 purged_test_acc=epoch.evaluate(small_model, small_vars), purged_params=params, purged_macs=macs)
 
-  return Extension(NAME, trainable=ExtraTrainable(init, tx, forward, evaluate, prepare), metrics=metrics)
+  def summary(row) -> str:
+    target = '' if penalized else f', target {100 * opt.target_density:.1f}%'
+    return (f'L0 density {100 * row["expected_density"]:.1f}%{target} (λ {row["multiplier_max"]:.3g}); purged '
+            f'network {100 * row["purged_test_acc"]:.1f}% with {row["purged_params"]:,} params, '
+            f'{row["purged_macs"]:,} MACs')
+
+  return Extension(NAME, trainable=ExtraTrainable(init, tx, forward, evaluate, prepare), metrics=metrics,
+                   summary=summary)
 
 
 def _example_init(cfg):

@@ -20,13 +20,12 @@ from tqdm.auto import tqdm
 import dessilbi_jax as dl
 from dessilbi_jax.train import checkpoint
 from dessilbi_jax import data
-from dessilbi_jax.train import compact
 from dessilbi_jax.train import extensions as ext
-from dessilbi_jax.train import l0_gates
 from dessilbi_jax.train import run_dir as files
 from dessilbi_jax.train import steps
 from dessilbi_jax.train.config import TrainConfig
 from dessilbi_jax.train.config import check_config
+from dessilbi_jax.train.optimizers import default_extensions
 from dessilbi_jax.train.optimizers import learning_rate_schedule
 from dessilbi_jax.train.optimizers import make_optimizer
 from dessilbi_jax.train.regularization_path import DamagedFileError
@@ -48,6 +47,7 @@ class TrainResult(NamedTuple):
   widths: Optional[tuple[int, ...]] = None    # the final model's widths (changed by growth)
   resumed_from: Optional[int] = None          # the epoch of the checkpoint a resumed run started from
   layer_widths: Optional[tuple] = None        # and its per-layer widths (TrainConfig.layer_widths)
+  extensions: tuple[ext.Extension, ...] = ()  # those the run trained with (its registry entry's, then the caller's)
 
 
 def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
@@ -57,7 +57,7 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
 
   Args:
     cfg: the run.
-    out_dir: where to write metrics, path, plots and checkpoints (``None``:
+    out_dir: where to write metrics, path and checkpoints (``None``:
       nothing is written and ``resume`` is unavailable). An existing non-empty
       directory is an error unless ``resume``; a run that fails before its
       first checkpoint leaves the directory as it found it.
@@ -68,12 +68,15 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
       weights are zero from the start and stay exactly zero.
     init_params: params to start from instead of a fresh initialization.
     quiet: no progress bar, no per-epoch lines.
-    extensions: :class:`dessilbi_jax.train.Extension` s (package docstring).
+    extensions: :class:`dessilbi_jax.train.Extension` s (package docstring),
+      after those of ``cfg.optimizer``'s registry entry (one of the same name
+      replaces the entry's).
     fall_back: with ``resume``, a checkpoint that fails its checksums is
       skipped for the previous good one (without it: an error).
 
   Returns:
-    A :class:`TrainResult` (params etc. of one replica, as numpy arrays).
+    A :class:`TrainResult` (params etc. of one replica, as numpy arrays);
+    :func:`dessilbi_jax.train.write_run_plots` draws the run's plots.
 
   Raises:
     ValueError: bad config, directory, checkpoint or inputs (before training).
@@ -81,14 +84,8 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
       after the last good epoch.
   """
   check_config(cfg)
-  extensions = tuple(extensions)
-  if cfg.optimizer in l0_gates.L0_OPTIMIZERS and not any(e.name == l0_gates.NAME for e in extensions):
-    # The gates and multipliers trained beside the weights, and the purged network's metrics (no Γ: no compact).
-    extensions = (l0_gates.l0_extension(cfg),) + extensions
-  elif not any(e.name == compact.NAME for e in extensions):
-    # The network surgery would give now: its accuracy, params and MACs, every epoch.
-    extensions = (compact.compact_extension(),) + extensions
   ext.check_names(extensions)
+  extensions = default_extensions(cfg, extensions)
   trainables = ext.trainables(extensions)
   run_dir = None if out_dir is None else files.local_path(out_dir)
   if resume and run_dir is None:
@@ -215,7 +212,8 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
                  train_loss=loss, train_acc=acc)
       context = ext.Epoch(epoch, cfg, model, arch.widths, state, tx, steps_per_epoch, row, evaluate, tuple(history))
       added = _extension_metrics(extensions, context)
-      row.update(added, seconds=round(time.perf_counter() - start, 3))
+      row.update({key: value for values in added.values() for key, value in values.items()},
+                 seconds=round(time.perf_counter() - start, 3))
       history.append(row)
       if has_gamma:
         path.append(epoch, int(state.step), state.params, state.opt_state)
@@ -236,16 +234,13 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
                         {'epoch': epoch, 'step': int(state.step), **steps.model_record(arch),
                          'path_kinds': dict(path.kinds)},
                         arrays=path_item(arrays))
-      say(_summary_line(row, cfg.epochs, added))
+      say(_summary_line(row, cfg.epochs, extensions, added))
   finally:
     if manager is not None:
       manager.wait_until_finished()
       manager.close()
-  if writer and history:
-    files.write_plots(run_dir, history, path.entry_steps, steps_per_epoch, ticket=masks is not None,
-                      target_density=cfg.target_density)
   return TrainResult(state.params, state.batch_stats, state.opt_state, init_params, history, state,
-                     arch.widths, resumed_from, arch.layer_widths)
+                     arch.widths, resumed_from, arch.layer_widths, extensions)
 
 
 @contextlib.contextmanager
@@ -309,16 +304,18 @@ def _check_reshaped(reshaped: ext.Reshaped, cfg, tx, trainables):
   return arch, state
 
 
-def _extension_metrics(extensions, context) -> dict[str, Any]:
-  added = {}
+def _extension_metrics(extensions, context) -> dict[str, dict[str, Any]]:
+  """Each extension's metrics of the epoch, by its name."""
+  added, seen = {}, set(context.row)
   for extension in extensions:
     if extension.metrics is None:
       continue
     values = dict(extension.metrics(context))
-    clash = sorted(set(values) & (set(context.row) | set(added)))
+    clash = sorted(set(values) & seen)
     if clash:
       raise ValueError(f'Extension {extension.name!r} returned metrics {clash} that the epoch row already has.')
-    added.update({key: _plain(value) for key, value in values.items()})
+    added[extension.name] = {key: _plain(value) for key, value in values.items()}
+    seen |= set(values)
   return added
 
 
@@ -399,7 +396,8 @@ def _fraction(part: int, whole: int) -> Optional[float]:
   return part / whole if whole else None
 
 
-def _summary_line(row: Mapping[str, Any], epochs: int, added: Mapping[str, Any] = {}) -> str:
+def _summary_line(row: Mapping[str, Any], epochs: int, extensions: Sequence[ext.Extension] = (),
+                  added: Mapping[str, Mapping[str, Any]] = {}) -> str:
   percent = lambda v: '  –  ' if v is None else f'{100 * v:5.1f}%'
   # Filters (neurons, heads) are few and telling: count them apart from the single weights.
   per_kind = {}
@@ -408,20 +406,13 @@ def _summary_line(row: Mapping[str, Any], epochs: int, added: Mapping[str, Any] 
       kept, total = per_kind.get(leaf['kind'], (0, 0))
       per_kind[leaf['kind']] = (kept + leaf['groups_in_support'], total + leaf['groups'])
   kinds = ''.join(f' {kind}s {kept}/{total}' for kind, (kept, total) in per_kind.items())
-  added = dict(added)
-  small = ''
-  if added.get('compact_test_acc') is not None:
-    small = (f'  compact {percent(added["compact_test_acc"])} ({added["compact_params"]:,} params, '
-             f'{added["compact_macs"]:,} MACs)')
-  if added.get('expected_density') is not None:   # an L0 run (train/l0_gates.py)
-    small += (f'  L0 density {percent(added["expected_density"])} (λ {added["multiplier_max"]:.3g})  purged '
-              f'{percent(added["purged_test_acc"])} ({added["purged_params"]:,} params, {added["purged_macs"]:,} MACs)')
-  for key in ('compact_test_acc', 'compact_params', 'compact_macs', 'expected_density', 'multipliers',
-              'multiplier_max', 'purged_test_acc', 'purged_params', 'purged_macs'):
-    added.pop(key, None)
-  # Structured values (per-layer tables) go to metrics.jsonl only; the line shows numbers and words.
-  extra = small + ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
-                          for key, value in added.items() if isinstance(value, (int, float, str)))
+  # An extension speaks for its own metrics; one without words shows its scalars (tables go to metrics.jsonl only).
+  extra = ''.join(f'  {text}' for text in ext.summaries(extensions, row))
+  for extension in extensions:
+    if extension.summary is None and extension.metrics is not None:
+      extra += ''.join(f'  {key} {value:.4g}' if isinstance(value, float) else f'  {key} {value}'
+                       for key, value in added.get(extension.name, {}).items()
+                       if isinstance(value, (int, float, str)))
   if row['sparse_test_acc'] is None:   # no Γ: the weights that are non-zero
     structure = f'non-zero weights {percent(row["weights_kept"])}'
   else:

@@ -216,6 +216,22 @@ def write_plots(run_dir, history, entry_steps, steps_per_epoch: int, *, ticket: 
     plots.plot_entry_steps(entry_steps, plot_dir / 'entry_steps.png', steps_per_epoch)
 
 
+def write_run_plots(run_dir, *, ticket: bool = False) -> None:
+  """:func:`write_plots` of the run in ``run_dir``, from its files (``metrics.jsonl``, ``path.npz``,
+  ``config.json``); ``ticket``: the retraining of a ticket. Nothing for a run without an epoch."""
+  run_dir = local_path(run_dir, '--run')
+  history = read_history(run_dir)
+  if not history:
+    return
+  entry_steps, steps_per_epoch = {}, 1
+  if (run_dir / 'path.npz').is_file():
+    arrays = read_npz(run_dir / 'path.npz')
+    entry_steps = {k[len('entry_step/'):]: v for k, v in arrays.items() if k.startswith('entry_step/')}
+    steps_per_epoch = int(arrays['steps_per_epoch'])
+  target = getattr(load_config(run_dir).opt, 'target_density', None)
+  write_plots(run_dir, history, entry_steps, steps_per_epoch, ticket=ticket, target_density=target)
+
+
 def _write_atomic(file: pathlib.Path, text: str) -> None:
   tmp = file.with_name(file.name + '.tmp')
   tmp.write_text(text)

@@ -148,4 +148,5 @@ def retrain_ticket(run_dir, epoch: int, *, init: str = 'rewind', epochs: Optiona
       dense_flops=models.count_flops(dense_model, info.input_shape))
   if jax.process_index() == 0:
     (out_dir / 'ticket.json').write_text(json.dumps(report, indent=2) + '\n')
+    files.write_run_plots(out_dir, ticket=True)
   return report
