@@ -262,7 +262,7 @@ def check_values(cfg: TrainConfig) -> None:
     raise ConfigError('constraint', f'must be one of {target_density.SCOPES}, got {cfg.constraint!r}.')
   if cfg.dual_lr is not None:
     number('dual_lr', low=0, low_open=True)
-  number('seed', low=0, integer=True)
+  number('seed', low=0, high=2 ** 63 - 1, integer=True)   # what jax.random.key takes
   number('keep_checkpoints', low=1, integer=True)
   if not isinstance(cfg.lr_decay_epochs, tuple) or any(
       isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in cfg.lr_decay_epochs):
