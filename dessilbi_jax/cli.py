@@ -185,22 +185,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   # Imported here so that `dessilbi --help` and argument errors answer at once.
   from dessilbi_jax import train
+  from dessilbi_jax.train import run_dir
   try:
-    if args.command == 'train':
-      _train(args, train)
-    elif args.command == 'grow':
-      _grow(args, train)
-    elif args.command == 'compact':
-      _compact(args)
-    else:
-      _ticket(args, train)
+    _check_flags(args)
+    with run_dir.sigterm_interrupts():
+      if args.command == 'train':
+        _train(args, train)
+      elif args.command == 'grow':
+        _grow(args, train)
+      elif args.command == 'compact':
+        _compact(args)
+      else:
+        _ticket(args, train)
   except train.ConfigError as e:
     print(f'dessilbi {args.command}: error: {e.with_flag()}', file=sys.stderr)
     return 1
-  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+  except (ValueError, FloatingPointError) as e:
     print(f'dessilbi {args.command}: error: {e}', file=sys.stderr)
     return 1
+  except OSError as e:   # a read-only or full disk, a missing file: the path and the reason, no traceback
+    print(f'dessilbi {args.command}: error: {run_dir.os_error_line(e)}', file=sys.stderr)
+    return 1
+  except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM; inside training the message says what was kept
+    print(f'dessilbi {args.command}: {e or "Interrupted."}', file=sys.stderr)
+    return getattr(e, 'exit_status', 130)
   return 0
+
+
+# grow's rule flags: a resumed growth run keeps the settings saved in its growth.json.
+_GROWTH_RULE_FLAGS = {'tau': '--tau', 'grow_every': '--grow-every', 'finetune_epochs': '--finetune-epochs',
+                      'max_width': '--max-width', 'reset_state': '--reset-state'}
+
+
+def _check_flags(args) -> None:
+  """Flags that parse but would mean nothing: one line naming the flag."""
+  if args.command in ('train', 'grow') and args.widths == []:
+    flag = '--widths' if args.command == 'train' else '--start-widths'
+    raise ValueError(f'{flag} needs at least one width (e.g. {flag} 6 16 120 84); leave it out for the preset\'s.')
+  if args.command == 'train' and args.fall_back and not args.resume:
+    raise ValueError('--fall-back goes with --resume: it picks the checkpoint a resumed run starts from.')
+  if args.command == 'grow' and args.resume:
+    given = [flag for field, flag in _GROWTH_RULE_FLAGS.items() if getattr(args, field) not in (None, False)]
+    if given:
+      raise ValueError(f'{given[0]} cannot change on --resume: a growth run keeps the rule saved in its '
+                       'growth.json. Leave it out, or start a new growth run.')
 
 
 def _given(args, train, names) -> dict:

@@ -148,9 +148,13 @@ def open_source(name: str, split: str, data_dir: str | None = None,
 def read_records(name: str, source: Any, indices) -> list[dict[str, Any]]:
   """``source[indices]`` as a list of example dicts, read errors made clear."""
   try:
-    return source.__getitems__(indices)
+    records = source.__getitems__(indices)
   except _READ_ERRORS as err:
     raise _corrupt_error(name, _source_dir(source), err) from err
+  # A truncated ArrayRecord file reads as records whose fields are None.
+  if any(value is None for record in records for value in record.values()):
+    raise _corrupt_error(name, _source_dir(source), 'a file is truncated: some records are empty')
+  return records
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,11 +236,14 @@ def _prepare_offline(name: str, root: str) -> None:
       # try_download_gcs=False: tfds would otherwise look the name up on GCS.
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           try_download_gcs=False))
-  except OSError:
+  except OSError as err:
     # Another process preparing the same directory renamed its files into
     # place first; theirs are as good as ours.
     if _latest_version_dir(os.path.dirname(builder.data_dir)) is None:
-      raise
+      raise DatasetNotPreparedError(
+          f'Cannot prepare {name} in the data directory {root}: '
+          f'{err.strerror or err} ({err.filename or root}). Point --data-dir '
+          '(or $DESSILBI_DATA_DIR) at a directory you can write to.') from err
 
 
 def _latest_version_dir(dataset_dir: str) -> str | None:

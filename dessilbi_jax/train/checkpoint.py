@@ -7,7 +7,9 @@ data position, and the RNG key), optionally more arrays (the run's
 regularization path) and a small JSON record with the SHA-256 of every array.
 Orbax writes a checkpoint into a temporary directory and renames it once
 complete, so a run killed while saving leaves the previous checkpoint as the
-latest usable one; orbax checks only the index of its files (a CRC-32C of the
+latest usable one (:func:`remove_temporaries` clears what such a save left;
+a save that fails, e.g. on a full disk, raises :class:`CheckpointSaveError`
+after clearing its own); orbax checks only the index of its files (a CRC-32C of the
 shard index, not of the data), so :func:`restore` recomputes each array's
 checksum and raises :class:`CheckpointError` naming the checkpoint and the
 array on a mismatch (a flipped bit, a patched file).
@@ -19,7 +21,6 @@ Example::
   >>> directory = tempfile.mkdtemp()
   >>> manager = checkpoint.open_manager(directory)
   >>> checkpoint.save(manager, 1, {'w': np.ones(3)}, {'epoch': 1})
-  >>> manager.wait_until_finished()
   >>> state, record = checkpoint.restore(directory, {'w': np.zeros(3)})
   >>> state, record['epoch']
   ({'w': array([1., 1., 1.])}, 1)
@@ -27,9 +28,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
+import os
 import pathlib
+import re
+import shutil
+import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -41,6 +50,10 @@ _CHECKSUMS = 'sha256.json'   # beside the arrays that save_tree writes
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read, does not match the run, or fails its checksums."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount); its temporary files are removed."""
 
 
 def checksums(tree) -> dict[str, str]:
@@ -61,10 +74,14 @@ def open_manager(directory, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, epoch: int, state, record: dict[str, Any],
          arrays: Optional[dict[str, np.ndarray]] = None) -> None:
-  """Starts saving ``state`` (a pytree of arrays), ``arrays`` and a JSON ``record`` as ``epoch``.
+  """Saves ``state`` (a pytree of arrays), ``arrays`` and a JSON ``record`` as ``epoch``, blocking until committed.
 
-  The record gets the checksums of both. The write continues in the
-  background; ``manager.wait_until_finished()`` blocks until it is committed.
+  The record gets the checksums of both. Blocking makes a failed write (a
+  full disk) stop the run at the epoch it happened instead of one later.
+
+  Raises:
+    CheckpointSaveError: the write failed; one line naming the checkpoint and
+      the OS error; the temporary directory it left is removed.
   """
   state = jax.device_get(state)
   record = {**record, 'sha256': checksums(state)}
@@ -72,7 +89,66 @@ def save(manager: ocp.CheckpointManager, epoch: int, state, record: dict[str, An
   if arrays:
     record['arrays_sha256'] = checksums(arrays)
     items['arrays'] = ocp.args.StandardSave(arrays)
-  manager.save(epoch, args=ocp.args.Composite(record=ocp.args.JsonSave(record), **items))
+  directory = pathlib.Path(manager.directory)
+  with _orbax_errors_captured():
+    try:
+      manager.save(epoch, args=ocp.args.Composite(record=ocp.args.JsonSave(record), **items))
+      manager.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore wrap the OS error in several types
+      # The writes still in flight fail a moment later, each printing a traceback from its thread: let them.
+      time.sleep(0.5)
+      remove_temporaries(directory)
+      raise CheckpointSaveError(f'Writing the checkpoint of epoch {epoch} to {directory / str(epoch)} failed: '
+                                f'{os_reason(e)}.') from e
+
+
+def remove_temporaries(directory) -> list[pathlib.Path]:
+  """Removes (and returns) the temporary directories unfinished saves left in ``directory`` (``E.orbax-checkpoint-tmp*``).
+
+  Call it only when no save is in progress (after ``wait_until_finished``).
+  """
+  directory = pathlib.Path(directory)
+  left = sorted(directory.glob('*.orbax-checkpoint-tmp*')) if directory.is_dir() else []
+  for path in left:
+    shutil.rmtree(path, ignore_errors=True)
+  return left
+
+
+def os_reason(error: BaseException) -> str:
+  """The OS error behind ``error`` in words (``No space left on device``), else its first line.
+
+  Example::
+
+    >>> from dessilbi_jax.train import checkpoint
+    >>> checkpoint.os_reason(ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']"))
+    'No space left on device'
+  """
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(seen))   # tensorstore's wording of an OS error
+    if code:
+      return os.strerror(int(code.group(1)))
+    seen = seen.__cause__ or seen.__context__
+  return _first_line(error)
+
+
+@contextlib.contextmanager
+def _orbax_errors_captured():
+  """Orbax logs a failed save from each of its threads (hundreds of lines): hold them back, and let them through
+  only if the save succeeds (a warning worth reading)."""
+  absl = logging.getLogger('absl')
+  level, stderr, held = absl.level, sys.stderr, io.StringIO()
+  absl.setLevel(logging.CRITICAL)
+  sys.stderr = held
+  try:
+    yield
+  finally:
+    sys.stderr = stderr
+    absl.setLevel(level)
+  if held.getvalue():
+    stderr.write(held.getvalue())
 
 
 def saved_epochs(directory) -> list[int]:
@@ -123,8 +199,7 @@ def restore(directory, target, *, epoch: Optional[int] = None,
   try:
     restored = manager.restore(epoch, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax raises many types for damaged files; name the checkpoint instead.
-    raise CheckpointError(f'{name} is unreadable or does not match this run '
-                          f'({type(e).__name__}: {str(e)[:300]}).') from e
+    raise CheckpointError(f'{name} is unreadable or does not match this run ({_first_line(e)}).') from e
   finally:
     manager.close()
   _check_matches(restored['state'], target, name)
@@ -158,14 +233,20 @@ def load_tree(path, target):
   try:
     tree = checkpointer.restore(path.absolute(), jax.device_get(target))
   except Exception as e:  # see restore()
-    raise CheckpointError(f'The arrays saved at {path} are unreadable or do not match '
-                          f'({type(e).__name__}: {e}).') from e
+    raise CheckpointError(f'The arrays saved at {path} are unreadable or do not match ({_first_line(e)}).') from e
   finally:
     checkpointer.close()
   _check_matches(tree, target, f'The arrays saved at {path}')
   sums = path / _CHECKSUMS
   _verify(tree, json.loads(sums.read_text()) if sums.is_file() else None, f'The arrays saved at {path}')
   return tree
+
+
+def _first_line(error: BaseException) -> str:
+  """``Type: first line`` of an error, cut short: orbax's messages can hold whole trees of arrays."""
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  return f'{type(error).__name__}: {text[:160]}{"..." if len(text) > 160 else ""}'
 
 
 def _verify(tree, expected: Optional[dict[str, str]], name: str) -> None:
@@ -179,9 +260,16 @@ def _verify(tree, expected: Optional[dict[str, str]], name: str) -> None:
 
 
 def _check_matches(tree, target, what: str) -> None:
-  """Orbax restores a saved array whatever shape the target asks for: compare."""
-  shapes = lambda t: jax.tree.map(lambda x: (np.shape(x), str(np.asarray(x).dtype)), jax.device_get(t))
-  if shapes(tree) != shapes(target):
-    raise CheckpointError(
-        f'{what} does not match this run: saved {shapes(tree)}, expected {shapes(target)}. '
-        'Was it written by another model or optimizer configuration?')
+  """Orbax restores a saved array whatever shape the target asks for: compare, and name the first difference."""
+  def described(t):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(t))[0]
+    return {jax.tree_util.keystr(path): f'{np.shape(x)} {np.asarray(x).dtype}' for path, x in leaves}
+  saved, wanted = described(tree), described(target)
+  if saved == wanted:
+    return
+  differ = [key for key in wanted if key in saved and saved[key] != wanted[key]]
+  missing, extra = [key for key in wanted if key not in saved], [key for key in saved if key not in wanted]
+  first = (f'{differ[0]} is {saved[differ[0]]} there, {wanted[differ[0]]} here' if differ else
+           f'it lacks {missing[0]}' if missing else f'it has {extra[0]}, which this run does not')
+  raise CheckpointError(f'{what} does not match this run: {len(differ) + len(missing) + len(extra)} array(s) '
+                        f'differ ({first}). Was it written by another model or optimizer configuration?')

@@ -71,7 +71,8 @@ def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True
   cfg = load_config(run_dir)
   saved = checkpoint.saved_epochs(run_dir / 'checkpoints')
   if not saved:
-    raise FileNotFoundError(f'{run_dir / "checkpoints"} holds no checkpoint: is --run {run_dir} a training run?')
+    raise FileNotFoundError(f'--run {run_dir} holds no checkpoint ({run_dir / "checkpoints"} is missing or empty): '
+                            'the run stopped before its first epoch ended, or its checkpoints were removed.')
   if epoch is not None and epoch not in saved:
     raise ValueError(f'--epoch {epoch}: {run_dir} keeps the checkpoints of epochs {saved} only.')
   record = checkpoint.read_record(run_dir / 'checkpoints', saved[-1] if epoch is None else epoch)

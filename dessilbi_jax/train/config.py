@@ -241,7 +241,7 @@ def check_values(cfg: TrainConfig) -> None:
   check_number('lr_decay', cfg.lr_decay, low=0, low_open=True)
   check_number('momentum', cfg.momentum, low=0, high=1, high_open=True)
   check_number('weight_decay', cfg.weight_decay, low=0)
-  check_number('seed', cfg.seed, low=0, integer=True)
+  check_number('seed', cfg.seed, low=0, high=2 ** 63 - 1, integer=True)   # what jax.random.key takes
   check_number('keep_checkpoints', cfg.keep_checkpoints, low=1, integer=True)
   if not isinstance(cfg.lr_decay_epochs, tuple) or any(
       isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 1 for e in cfg.lr_decay_epochs):

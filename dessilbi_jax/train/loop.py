@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
@@ -97,11 +98,34 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
   data.eval_batches(cfg.dataset, 'test', jax.local_device_count() * jax.process_count(),
                     num_devices=jax.local_device_count(), data_dir=cfg.data_dir)
   say = (lambda s: None) if quiet or jax.process_index() != 0 else tqdm.write
-
+  notice = (lambda s: None) if jax.process_index() != 0 else tqdm.write   # said under quiet too
+  progress = {'epoch': None}   # the epoch being trained, for the message of an interrupt
   with contextlib.ExitStack() as stack:
-    existed = run_dir is not None and run_dir.is_dir()
+    stack.enter_context(files.sigterm_interrupts())
+    before = None if run_dir is None else files.names_in(run_dir)
+    restart = _open_run_dir(run_dir, cfg, resume, writer, stack)
+    if restart:
+      notice(f'{run_dir} holds a run that stopped before its first checkpoint: training it from epoch 1 '
+             '(its files are kept).')
+    try:
+      return _fit(cfg, run_dir, resume and not restart, tx, masks, init_params, quiet, extensions, trainables,
+                  fall_back, writer, steps_per_epoch, say, progress, restart)
+    except BaseException as e:
+      undone = writer and (restart or not resume) and not checkpoint.saved_epochs(run_dir / 'checkpoints')
+      if undone:
+        files.remove_created(run_dir, before)
+      if isinstance(e, KeyboardInterrupt):
+        raise _interrupted(e, run_dir, progress['epoch'], undone) from None
+      raise
+
+
+def _open_run_dir(run_dir, cfg, resume: bool, writer: bool, stack) -> bool:
+  """Checks, creates and locks the run directory; returns whether a resume must start again from epoch 1."""
+  if run_dir is None:
+    return False
+  try:
     # Process 0 alone decides whether the directory can take the run; the others wait for its answer.
-    with _decided_by_process_0(run_dir is not None):
+    with _decided_by_process_0(True):
       if writer:
         if resume and not (run_dir / 'config.json').is_file():
           raise FileNotFoundError(f'Nothing to resume in {run_dir}: it holds no run (no config.json). '
@@ -112,25 +136,38 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
         stack.enter_context(files.locked(run_dir))
         if not resume:
           files.check_new(run_dir)   # again, now that the lock keeps other runs out
-    restart = False
-    if resume:
-      files.check_resumable(run_dir, cfg)
-      restart = not checkpoint.saved_epochs(run_dir / 'checkpoints')
-      if restart:
-        say(f'{run_dir} holds a run that stopped before its first checkpoint: starting it again from epoch 1.')
-        if writer:
-          files.remove_new_files(run_dir, existed=True, keep=('config.json',))
-    try:
-      return _fit(cfg, run_dir, resume and not restart, tx, masks, init_params, quiet, extensions, trainables,
-                  fall_back, writer, steps_per_epoch, say)
-    except BaseException:
-      if writer and not resume and not checkpoint.saved_epochs(run_dir / 'checkpoints'):
-        files.remove_new_files(run_dir, existed)
+  except OSError as e:
+    if e.strerror is None:   # this package's own errors (not empty, locked) say it all
       raise
+    raise OSError(f'Cannot write the run into --out {run_dir}: {files.os_error_line(e)}. Choose a directory you '
+                  'can write to.') from e
+  if not resume:
+    return False
+  files.check_resumable(run_dir, cfg)
+  if checkpoint.saved_epochs(run_dir / 'checkpoints'):
+    return False
+  files.check_restartable(run_dir)
+  return True
+
+
+def _interrupted(error: KeyboardInterrupt, run_dir, epoch, undone: bool) -> files.Interrupted:
+  """What an interrupt kept and how to continue, in one or two lines."""
+  signum = getattr(error, 'signum', signal.SIGINT)
+  where = f' in epoch {epoch}' if epoch is not None else ' before training started'
+  if run_dir is None:
+    kept = 'nothing was saved (no out_dir).'
+  elif undone:
+    kept = f'no checkpoint was written yet, so nothing was kept (the files this run created in {run_dir} are removed).'
+  else:
+    saved = checkpoint.saved_epochs(run_dir / 'checkpoints')
+    kept = (f'the last checkpoint is that of epoch {saved[-1]} in {run_dir / "checkpoints"}.\n'
+            f'`dessilbi train --resume --out {run_dir}` continues from it.' if saved else
+            f'{run_dir} holds no checkpoint.')
+  return files.Interrupted(f'Interrupted ({signal.Signals(signum).name}){where}; {kept}', signum)
 
 
 def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, trainables, fall_back, writer,
-         steps_per_epoch, say) -> TrainResult:
+         steps_per_epoch, say, progress, restart) -> TrainResult:
   init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
   arch = cfg   # the config of the model trained now: its widths and layer_widths change with growth
 
@@ -182,11 +219,11 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
                                num_devices=jax.local_device_count(), augment=cfg.augment, data_dir=cfg.data_dir)
   if writer:
     files.write_config(run_dir, cfg)  # a resumed run: the new total of epochs
-    if resume:
+    if resume or restart:
       files.write_history(run_dir, history)  # what followed the checkpoint is forgotten
       path.save(run_dir / 'path.npz', steps_per_epoch)
   if run_dir is not None and not resume:
-    checkpoint.save_tree(run_dir / 'init_params', init_params)
+    _save_init_params(run_dir, init_params, restart)
 
   start_epoch = int(state.step) // steps_per_epoch
   if resume:
@@ -203,6 +240,7 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
                                                      batch_size=max(steps.EVAL_BATCH, cfg.batch_size))
   try:
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+      progress['epoch'] = epoch
       start = time.perf_counter()
       replicated, loss, acc = _train_epoch(train_step, replicated, replicated_masks, batches, epoch, cfg,
                                            steps_per_epoch, run_dir, quiet)
@@ -225,20 +263,12 @@ def _fit(cfg, run_dir, resume, tx, masks, init_params, quiet, extensions, traina
         model = steps.training_model(steps.build_model(arch)[0])
         replicated = steps.replicate(state)
         train_step = steps.make_train_step(model, tx, trainables)   # compiled once for the new shapes
-      if writer:
-        files.append_history(run_dir, row)
-        path.save(run_dir / 'path.npz', steps_per_epoch)
-      if manager is not None:
-        arrays = path.arrays(steps_per_epoch) if has_gamma else {}
-        checkpoint.save(manager, epoch, state,
-                        {'epoch': epoch, 'step': int(state.step), **steps.model_record(arch),
-                         'path_kinds': dict(path.kinds)},
-                        arrays=path_item(arrays))
+      if run_dir is not None:
+        _save_epoch(run_dir, manager, writer, epoch, state, row, path, has_gamma, cfg, arch, steps_per_epoch)
       say(_summary_line(row, cfg.epochs, extensions, added))
   finally:
     if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+      _close_manager(manager)
   return TrainResult(state.params, state.batch_stats, state.opt_state, init_params, history, state,
                      arch.widths, resumed_from, arch.layer_widths, extensions)
 
@@ -267,7 +297,9 @@ def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
   errors = []
   for epoch in reversed(epochs):
     try:
-      arch = steps.recorded_config(cfg, checkpoint.read_record(directory, epoch))
+      record = checkpoint.read_record(directory, epoch)
+      files.check_record(record, cfg, f'The checkpoint of epoch {epoch} in {directory}', run_dir)
+      arch = steps.recorded_config(cfg, record)
       state, record = checkpoint.restore(directory, initial_state(arch), epoch=epoch, with_arrays=True)
     except checkpoint.CheckpointError as e:
       older = [s for s in epochs if s < epoch]
@@ -288,6 +320,52 @@ def _restore(run_dir, cfg, initial_state, fall_back: bool, say):
       say(f'Using the checkpoint of epoch {epoch}, the newest that passed its checksums.')
     return state, record, arch
   raise checkpoint.CheckpointError(f'No checkpoint in {directory} can be used: ' + ' '.join(errors))
+
+
+def _save_epoch(run_dir, manager, writer, epoch, state, row, path, has_gamma, cfg, arch, steps_per_epoch) -> None:
+  """The epoch's metrics row, path and checkpoint; a failed write (a full disk) stops the run here."""
+  try:
+    if writer:
+      files.append_history(run_dir, row)
+      path.save(run_dir / 'path.npz', steps_per_epoch)
+    arrays = path.arrays(steps_per_epoch) if has_gamma else {}
+    checkpoint.save(manager, epoch, state,
+                    {'epoch': epoch, 'step': int(state.step), **steps.model_record(arch),
+                     'config': files.record_config(cfg), 'path_kinds': dict(path.kinds)},
+                    arrays=path_item(arrays))
+  except OSError as e:
+    saved = checkpoint.saved_epochs(run_dir / 'checkpoints')
+    what = str(e) if isinstance(e, checkpoint.CheckpointSaveError) else (
+        f'Writing the files of epoch {epoch} in {run_dir} failed: {files.os_error_line(e)}.')
+    kept = (f'Training stopped; the last good checkpoint is that of epoch {saved[-1]} '
+            f'({run_dir / "checkpoints" / str(saved[-1])}). Free some space (or fix the disk), then '
+            f'`dessilbi train --resume --out {run_dir}` continues from it.' if saved else
+            'Training stopped before its first checkpoint: nothing was kept.')
+    raise type(e)(f'{what}\n{kept}') from e
+
+
+def _close_manager(manager) -> None:
+  """Lets a save in flight finish (an interrupt may have come during it), then clears what an unfinished one left."""
+  try:
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+    checkpoint.remove_temporaries(manager.directory)
+
+
+def _save_init_params(run_dir, init_params, restart: bool) -> None:
+  """The params at step 0; a run started again (``restart``) keeps those it saved if they are the same."""
+  where = run_dir / 'init_params'
+  if restart and where.exists():
+    try:
+      saved = checkpoint.load_tree(where, init_params)
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+      raise DamagedFileError(f'{e} Delete {where}: the run writes it again from its seed.') from e
+    if not all(jax.tree.leaves(jax.tree.map(np.array_equal, saved, init_params))):
+      raise DamagedFileError(f'{where} is not the initialization of this run\'s seed; delete it, the run writes '
+                             'it again.')
+    return
+  checkpoint.save_tree(where, init_params)
 
 
 def _check_reshaped(reshaped: ext.Reshaped, cfg, tx, trainables):

@@ -65,8 +65,12 @@ class RegularizationPath:
     if not self.epochs:
       return
     tmp = file.with_name(file.name + '.tmp.npz')
-    np.savez_compressed(tmp, **self.arrays(steps_per_epoch))
-    os.replace(tmp, file)  # a reader never sees half a file
+    try:
+      np.savez_compressed(tmp, **self.arrays(steps_per_epoch))
+      os.replace(tmp, file)  # a reader never sees half a file
+    except BaseException:   # a full disk, an interrupt: the old file stays, the half-written one goes
+      tmp.unlink(missing_ok=True)
+      raise
 
   @classmethod
   def from_arrays(cls, arrays, last_epoch: int) -> 'RegularizationPath':

@@ -20,7 +20,9 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -33,12 +35,86 @@ from dessilbi_jax.train.regularization_path import DamagedFileError
 from dessilbi_jax.train.regularization_path import read_npz
 
 LOCK = '.lock'
+# The names a run writes at the top of its directory (growth.json: a growth run's settings; ticket.json: a
+# ticket's report). Only these are ever removed, and only by the run that created them.
+RUN_FILES = ('config.json', 'init_params', 'metrics.jsonl', 'path.npz', 'plots', 'checkpoints', 'growth.json',
+             'ticket.json')
 RESUMABLE_CHANGES = ('epochs', 'data_dir', 'keep_checkpoints')
 _REMOTE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
 class RunLockedError(FileExistsError):
   """Another live process writes the run directory."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Training stopped by SIGINT (Ctrl-C) or SIGTERM; the message says what was kept and how to continue.
+
+  A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it;
+  ``exit_status`` is the shell's ``128 + signal`` (130, 143).
+  """
+
+  def __init__(self, message: str = '', signum: int = signal.SIGINT):
+    super().__init__(message)
+    self.signum = int(signum)
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + self.signum
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+  """In the block, SIGTERM raises :class:`Interrupted` as Ctrl-C raises ``KeyboardInterrupt``.
+
+  Only on the main thread and when SIGTERM has its default action (a
+  program's own handler is left alone).
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    yield
+    return
+
+  def handler(signum, frame):
+    raise Interrupted(signum=signum)
+
+  signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def os_error_line(error: OSError) -> str:
+  """An OS error in one line: what failed, on which path (``Permission denied: /runs/x/.lock``)."""
+  if error.strerror is None:
+    return str(error)   # raised by this package with a whole sentence
+  where = ' -> '.join(str(f) for f in (error.filename, error.filename2) if f is not None)
+  return f'{error.strerror}: {where}' if where else error.strerror
+
+
+def record_config(cfg: TrainConfig) -> dict[str, Any]:
+  """What a checkpoint records of the run's config (JSON), to be checked against config.json on resume."""
+  return json.loads(json.dumps(cfg.to_json()))
+
+
+def check_record(record: dict[str, Any], cfg: TrainConfig, name: str, run_dir: pathlib.Path) -> None:
+  """A checkpoint's recorded config must be ``cfg`` (but for :data:`RESUMABLE_CHANGES`): it may be another run's."""
+  saved = record.get('config')
+  if saved is None:   # written before checkpoints recorded their config: its shapes are checked on restore
+    return
+  current = record_config(cfg)
+  changed = [key for key in current if key in saved and key not in RESUMABLE_CHANGES and saved[key] != current[key]]
+  if changed:
+    diff = '; '.join(f'{key} {_shown(saved[key])} there, {_shown(current[key])} in config.json' for key in changed)
+    raise ValueError(f'{name} belongs to another run: {diff}. Nothing was changed; resume the run it came from, '
+                     f'or remove it from {run_dir / "checkpoints"}.')
+
+
+def _shown(value) -> str:
+  if isinstance(value, list):
+    return ' '.join(map(str, value)) if all(isinstance(v, (int, float)) for v in value) else json.dumps(value)
+  return repr(value)
 
 
 def local_path(out_dir, flag: str = '--out') -> pathlib.Path:
@@ -193,14 +269,48 @@ def _alive(holder: dict[str, Any]) -> bool:
   return True
 
 
-def remove_new_files(run_dir: pathlib.Path, existed: bool, keep: tuple[str, ...] = ()) -> None:
-  """Undoes a run that failed before its first checkpoint: the directory as it was found."""
-  if not existed:
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return
-  for p in run_dir.iterdir():
-    if p.name not in (LOCK, *keep):
-      shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+def created_names(run_dir: pathlib.Path, before: frozenset) -> list[pathlib.Path]:
+  """The run's own files and directories in ``run_dir`` that were not there when it started (``before``).
+
+  What a run removes when it fails before its first checkpoint: only the names
+  a run writes (:data:`RUN_FILES`, their temporaries), never a user's file.
+  """
+  if not run_dir.is_dir():
+    return []
+  return sorted(p for p in run_dir.iterdir() if p.name not in before and _is_run_file(p.name))
+
+
+def remove_created(run_dir: pathlib.Path, before: Optional[frozenset]) -> None:
+  """Undoes a run that failed before its first checkpoint: removes what it created (``before=None``: the directory
+  did not exist), and the directory itself if it created it and nothing else is left in it."""
+  for p in created_names(run_dir, before or frozenset()):
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+  if before is None and run_dir.is_dir() and not any(run_dir.iterdir()):
+    run_dir.rmdir()
+
+
+def names_in(run_dir: pathlib.Path) -> Optional[frozenset]:
+  """The names in ``run_dir`` now (``None``: it does not exist), for :func:`remove_created`."""
+  return frozenset(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else None
+
+
+def _is_run_file(name: str) -> bool:
+  base = name[:-len('.tmp')] if name.endswith('.tmp') else name
+  return base in RUN_FILES or name == LOCK or name.startswith('path.npz.tmp')
+
+
+def check_restartable(run_dir: pathlib.Path) -> None:
+  """A run with no checkpoint starts again from epoch 1 only if it recorded no epoch (nothing would be lost)."""
+  rows = read_history(run_dir)
+  recorded = [name for name, there in (('metrics.jsonl', bool(rows)), ('path.npz', (run_dir / 'path.npz').exists()),
+                                       ('plots/', (run_dir / 'plots').exists())) if there]
+  if recorded:
+    gone = 'is missing' if not (run_dir / 'checkpoints').exists() else 'holds no complete checkpoint'
+    raise FileNotFoundError(
+        f'Nothing to resume from: {run_dir / "checkpoints"} {gone}, yet the run recorded '
+        f'{len(rows)} epoch(s) ({", ".join(recorded)}), which training again would overwrite; nothing was changed. '
+        f'To train it again from epoch 1 in place, move {" and ".join(recorded)} out of {run_dir} and run '
+        f'`dessilbi train --resume --out {run_dir}`; or start a new run with another --out.')
 
 
 def write_plots(run_dir, history, entry_steps, steps_per_epoch: int, *, ticket: bool = False,
@@ -234,5 +344,9 @@ def write_run_plots(run_dir, *, ticket: bool = False) -> None:
 
 def _write_atomic(file: pathlib.Path, text: str) -> None:
   tmp = file.with_name(file.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, file)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, file)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
