@@ -488,21 +488,29 @@ def test_low_precision_matches_reference_within_its_epsilon(dtype, state_dtype):
   assert np.mean(entry['Dense_0/kernel'] != ref['entry']['Dense_0/kernel']) <= 0.03
 
 
-@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_low_precision_z_update_reads_the_stored_gamma(dtype):
-  """One Γ_k for both halves of the step: with bf16/f16 state, Z_{k+1} is Z_k + α·((W_k − Γ_k)/ν)
-  with the stored Γ_k to the bit, on lasso leaves (Γ_k rebuilt from Z_k) as on filter leaves (s_k·Z_k)."""
+@pytest.mark.parametrize('store_gamma', [True, False])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_z_update_reads_the_stored_gamma(dtype, store_gamma):
+  """One Γ_k for both halves of the step: Z_{k+1} is Z_k + α·((W_k − Γ_k)/ν) with the stored Γ_k to
+  the bit, on lasso leaves (Γ_k rebuilt from Z_k) as on filter leaves (s_k·Z_k), in every dtype.
+
+  The rebuilt Γ_k must be rounded before W_k − Γ_k reads it: a fused multiply-add of W − Z·s
+  (float32 on any CPU with FMA; float16 on CPUs with AVX512-FP16, e.g. Intel Sapphire Rapids, but
+  not on AMD EPYC, where LLVM computes float16 in float32 and rounds every product; bfloat16 never on
+  the CPU, where XLA rounds every product) is off by an ulp now and then. The reference is the
+  expression itself, jitted, with Γ_k a buffer: the same compiler contracts its tail the same way.
+  A lean state's Z must follow the same rule (its Γ_k is the stored state's, rebuilt)."""
   params, grads = _small_problem(steps=20)
   cast = lambda tree: _nest({p: jnp.asarray(x, dtype) for p, x in tree.items()})
   params, grads = cast(params), [cast(g) for g in grads]
-  tx = dl.dessilbi(0.1, kappa=2.0, mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.6})
+  tx = dl.dessilbi(0.1, kappa=2.0, mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.6}, store_gamma=store_gamma)
   step = jax.jit(tx.update)
   z_update = jax.jit(lambda z, w, gam: z + 0.1 * ((w - gam) / 2.0))
   state = tx.init(params)
   for g in grads:
     updates, new_state = step(g, state, params)
     for layer in ('Conv_0', 'Dense_0'):
-      expected = z_update(state.z[layer]['kernel'], params[layer]['kernel'], state.gamma[layer]['kernel'])
+      expected = z_update(state.z[layer]['kernel'], params[layer]['kernel'], dl.gamma(state)[layer]['kernel'])
       np.testing.assert_array_equal(new_state.z[layer]['kernel'], expected, err_msg=layer)
     params, state = optax.apply_updates(params, updates), new_state
   assert all(bool(jnp.any(s)) for s in jax.tree.leaves(dl.support(state)))

@@ -184,7 +184,7 @@ def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, *, hyper: _Step
   if kind is None:                                        # W_{k+1} = W_k − α·κ·d_k
     return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None
   fixed = _is_number(h.kappa) and _is_number(h.lambdas[kind])   # not changed by inject_hyperparams
-  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed)
+  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed, h.count)
   if gam is None:                                         # a lean state: W reads Γ_k rebuilt as stored
     gam = _rounded_gamma(z, scale, made, h.count)
     gam_k = gam if gam_k is None else gam_k               # where Γ is stored, Z would read it
@@ -220,7 +220,7 @@ def _kappa_like(kappa, lam):
   return jnp.asarray(kappa).astype(jnp.result_type(lam))
 
 
-def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool):
+def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool, count):
   """Γ_k for the ``Z`` update, equal to the stored ``Γ_k`` to the bit (tested).
 
   The ``Z`` update rebuilds it, so that only the ``W`` update reads the stored
@@ -230,29 +230,41 @@ def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool):
   weight) and rebuild ``Γ_k = κ·prox_λ(Z_k)`` when κ and λ are fixed numbers, or
   read ``Γ_k`` when they may have changed since (``optax.inject_hyperparams``;
   a lean state passes ``None`` and :func:`_rounded_gamma` stands in).
+
+  The product is rounded to the state dtype, as the stored ``Γ_k`` was, before
+  ``W_k − Γ_k`` reads it (:func:`_rounded`): left to itself the compiler
+  contracts ``W − Z·s`` into one fused multiply-add, rounded once (LLVM on the
+  CPU in float32, and in float16 on CPUs with float16 arithmetic, AVX512-FP16;
+  the GPU's compiler likewise), which is not ``W_k − Γ_k`` of the stored ``Γ_k``.
   """
   if scale is not None:
-    return z * scale
+    return _rounded(z * scale, count)
   if fixed:
-    return prox.shrink_groups(z, kind, prox.group_norms(z, kind), lam, kappa)[0]
+    return _rounded(_lasso_gamma(z, kappa, lam), count)
   return gam
+
+
+def _rounded(x, count):
+  """``x`` rounded to its dtype before any use: ``x − (+0)``, a ``+0`` the compiler cannot see through.
+
+  A product that feeds a subtraction may be contracted with it into a fused
+  multiply-add; ``Z·s − 0`` may be contracted too, but that is the rounded
+  product, exactly. The ``+0`` is :func:`dessilbi_jax.core.cpu_schedule.after` on
+  the step count's bits read as a float (a scalar that is never sharded and
+  exists before any buffer is written; converted to a float it would be known
+  not to be NaN, and LLVM would fold the ``+0`` away).
+  """
+  return cpu_schedule.after(x, jax.lax.bitcast_convert_type(jnp.asarray(count, jnp.int32), jnp.float32))
 
 
 def _rounded_gamma(z, scale, made, count):
   """Γ_k of a lean state where the stored one would be read: to the bit the stored, rounded ``Γ_k``.
 
-  XLA contracts ``W − Z·s`` into one fused multiply-add (LLVM on the CPU, and
-  the GPU's compiler), rounded once: not ``W − Γ_k`` with ``Γ_k`` rounded when
-  it was stored. Subtracting an exact ``+0`` that the compiler cannot see
-  through (:func:`dessilbi_jax.core.cpu_schedule.after` on the step count's bits
-  read as a float, a scalar that is never sharded; converted to a float it would
-  be known not to be NaN, and LLVM folds the ``+0`` away) keeps the product
-  rounded; the product is ``Z·(s − 0)`` (lasso: ``κ − 0``) so that it is not
-  shared with the ``Z`` update's ``Z·s``, whose contraction stays that of the
-  stored state's update.
+  Rounded as in :func:`_rebuilt_gamma`; the product is ``Z·(s − 0)`` (lasso:
+  ``κ − 0``) so that it is not shared with the ``Z`` update's ``Z·s``: each
+  fusion recomputes its own, none is written to memory for the other.
   """
-  bits = jax.lax.bitcast_convert_type(jnp.asarray(count, jnp.int32), jnp.float32)
-  after = lambda x: cpu_schedule.after(x, bits)
+  after = lambda x: _rounded(x, count)
   if scale is not None:
     return after(z * after(scale))
   kappa, lam = made
