@@ -203,7 +203,7 @@ def test_state_dtype_under_inject_hyperparams():
   tx = optax.inject_hyperparams(dl.dessilbi, static_args=('state_dtype',))(0.1, state_dtype=jnp.float32)
   state = tx.init(params)
   _, state = jax.jit(tx.update)(params, state, params)
-  assert {x.dtype for x in jax.tree.leaves((state.inner_state.momentum, state.inner_state.z))} == {jnp.dtype('float32')}
+  assert {x.dtype for x in jax.tree.leaves((state.inner_state.trace, state.inner_state.z))} == {jnp.dtype('float32')}
 
 
 def test_map_params_gives_each_state_leaf_its_params_spec():
@@ -216,7 +216,7 @@ def test_map_params_gives_each_state_leaf_its_params_spec():
   state_specs = optax.tree.map_params(tx, dl.state_spec, tx.init(params), specs,
                                       transform_non_params=lambda _: P(), is_leaf=lambda x: x is None)
   assert state_specs.count == P()
-  assert state_specs.momentum == specs
+  assert state_specs.trace == specs
   assert state_specs.z == state_specs.gamma == {'Conv_0': {'kernel': P(None, None, None, 'd'), 'bias': None},
                                                 'Dense_0': {'kernel': P('d', None), 'bias': None}}
   assert state_specs.entry_step == state_specs.gamma_scale == {

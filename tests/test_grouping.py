@@ -113,8 +113,8 @@ def test_state_follows_the_grouping():
   for outer in ('Conv_0', 'Conv_1', 'Dense_0', 'Dense_1'):
     assert state.z[outer]['bias'] is None and state.gamma[outer]['bias'] is None
     assert state.entry_step[outer]['bias'] is None
-    assert state.momentum[outer]['bias'].shape == PARAMS[outer]['bias'].shape
-  assert state.z['scale'] is None and state.momentum['scale'].shape == ()
+    assert state.trace[outer]['bias'].shape == PARAMS[outer]['bias'].shape
+  assert state.z['scale'] is None and state.trace['scale'].shape == ()
 
 
 @pytest.mark.parametrize('groups, match', [

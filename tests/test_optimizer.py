@@ -115,7 +115,7 @@ def _reference_run(params, grads, **hyper):
 def _assert_matches_reference(params, state, ref, rtol=2e-5, atol=2e-5):
   assert int(state.count) == ref['count']
   flat_params, b, z, gam, scale, entry = (_flat(t) for t in (
-      params, state.momentum, state.z, state.gamma, state.gamma_scale, state.entry_step))
+      params, state.trace, state.z, state.gamma, state.gamma_scale, state.entry_step))
   for path, w in ref['w'].items():
     np.testing.assert_allclose(flat_params[path], w, rtol=rtol, atol=atol, err_msg=f'W {path}')
     np.testing.assert_allclose(b[path], ref['b'][path], rtol=rtol, atol=atol, err_msg=f'b {path}')
@@ -453,7 +453,7 @@ def test_dtypes_follow_params_unless_state_dtype_is_given(dtype, state_dtype):
     params = optax.apply_updates(params, updates)
   chex.assert_trees_all_equal_dtypes(params, grads[0])
   expected = state_dtype or dtype
-  for field in (state.momentum, state.z, state.gamma):
+  for field in (state.trace, state.z, state.gamma):
     assert {x.dtype for x in jax.tree.leaves(field)} == {jnp.dtype(expected)}
   assert {x.dtype for x in jax.tree.leaves(state.entry_step)} == {jnp.dtype(jnp.int32)}
 
@@ -477,7 +477,7 @@ def test_low_precision_matches_reference_within_its_epsilon(dtype, state_dtype):
                        param_dtype=np.dtype(dtype), state_dtype=None if state_dtype else np.dtype(dtype))
   _assert_some_but_not_all_entered(ref)
   eps = float(jnp.finfo(dtype).eps)
-  got = {'W': _flat(final_params), 'Z': _flat(state.z), 'Γ': _flat(state.gamma), 'b': _flat(state.momentum)}
+  got = {'W': _flat(final_params), 'Z': _flat(state.z), 'Γ': _flat(state.gamma), 'b': _flat(state.trace)}
   for name, key in (('W', 'w'), ('Z', 'z'), ('Γ', 'gamma'), ('b', 'b')):
     for path, expected in ref[key].items():
       np.testing.assert_allclose(np.asarray(got[name][path], np.float64), expected, rtol=0,
@@ -488,21 +488,29 @@ def test_low_precision_matches_reference_within_its_epsilon(dtype, state_dtype):
   assert np.mean(entry['Dense_0/kernel'] != ref['entry']['Dense_0/kernel']) <= 0.03
 
 
-@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_low_precision_z_update_reads_the_stored_gamma(dtype):
-  """One Γ_k for both halves of the step: with bf16/f16 state, Z_{k+1} is Z_k + α·((W_k − Γ_k)/ν)
-  with the stored Γ_k to the bit, on lasso leaves (Γ_k rebuilt from Z_k) as on filter leaves (s_k·Z_k)."""
+@pytest.mark.parametrize('store_gamma', [True, False])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_z_update_reads_the_stored_gamma(dtype, store_gamma):
+  """One Γ_k for both halves of the step: Z_{k+1} is Z_k + α·((W_k − Γ_k)/ν) with the stored Γ_k to
+  the bit, on lasso leaves (Γ_k rebuilt from Z_k) as on filter leaves (s_k·Z_k), in every dtype.
+
+  The rebuilt Γ_k must be rounded before W_k − Γ_k reads it: a fused multiply-add of W − Z·s
+  (float32 on any CPU with FMA; float16 on CPUs with AVX512-FP16, e.g. Intel Sapphire Rapids, but
+  not on AMD EPYC, where LLVM computes float16 in float32 and rounds every product; bfloat16 never on
+  the CPU, where XLA rounds every product) is off by an ulp now and then. The reference is the
+  expression itself, jitted, with Γ_k a buffer: the same compiler contracts its tail the same way.
+  A lean state's Z must follow the same rule (its Γ_k is the stored state's, rebuilt)."""
   params, grads = _small_problem(steps=20)
   cast = lambda tree: _nest({p: jnp.asarray(x, dtype) for p, x in tree.items()})
   params, grads = cast(params), [cast(g) for g in grads]
-  tx = dl.dessilbi(0.1, kappa=2.0, mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.6})
+  tx = dl.dessilbi(0.1, kappa=2.0, mu=2.0, lambdas={'lasso': 0.1, 'filter': 0.6}, store_gamma=store_gamma)
   step = jax.jit(tx.update)
   z_update = jax.jit(lambda z, w, gam: z + 0.1 * ((w - gam) / 2.0))
   state = tx.init(params)
   for g in grads:
     updates, new_state = step(g, state, params)
     for layer in ('Conv_0', 'Dense_0'):
-      expected = z_update(state.z[layer]['kernel'], params[layer]['kernel'], state.gamma[layer]['kernel'])
+      expected = z_update(state.z[layer]['kernel'], params[layer]['kernel'], dl.gamma(state)[layer]['kernel'])
       np.testing.assert_array_equal(new_state.z[layer]['kernel'], expected, err_msg=layer)
     params, state = optax.apply_updates(params, updates), new_state
   assert all(bool(jnp.any(s)) for s in jax.tree.leaves(dl.support(state)))
@@ -663,7 +671,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     def check_sharded_like_params(e_params, e_state):
       for k, w in e_params.items():
         assert padded(w.sharding.spec, w.ndim) == padded(specs[k], w.ndim), k
-      for field in ('momentum', 'z', 'gamma', 'gamma_scale', 'entry_step'):
+      for field in ('trace', 'z', 'gamma', 'gamma_scale', 'entry_step'):
         for k, x in getattr(e_state, field).items():
           if x is not None:   # the param's spec, with None on the axes a group spans
             expected = tuple(s if x.shape[i] == params[k].shape[i] else None
@@ -759,7 +767,7 @@ def assert_lean_is_stored(stored, lean):
   assert all(g is None for g in jax.tree.leaves(inner_lean.gamma, is_leaf=lambda x: x is None))
   assert inner_stored.gamma_kappa is None and inner_stored.gamma_lambda is None
   assert int(inner_stored.count) == int(inner_lean.count)
-  for field in ('momentum', 'z', 'gamma_scale', 'entry_step', 'threshold'):
+  for field in ('trace', 'z', 'gamma_scale', 'entry_step', 'threshold'):
     a, b = getattr(inner_stored, field), getattr(inner_lean, field)
     assert jax.tree.structure(a) == jax.tree.structure(b), field
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
@@ -883,7 +891,7 @@ def test_lean_state_holds_momentum_z_and_per_group_arrays_only():
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   structured = sum(w.size for w in jax.tree.leaves(params) if w.ndim >= 2)
   assert nbytes(stored) - nbytes(lean) == 4 * structured - 2 * 4
-  assert jax.tree.leaves(lean.gamma) == [] and nbytes(lean.momentum) + nbytes(lean.z) == nbytes(stored.momentum) + (
+  assert jax.tree.leaves(lean.gamma) == [] and nbytes(lean.trace) + nbytes(lean.z) == nbytes(stored.trace) + (
       nbytes(stored.z))
   assert lean.gamma_kappa['Conv_0'] == {'kernel': None, 'bias': None} and lean.gamma_kappa['Dense_0']['bias'] is None
   for field in (lean.gamma_kappa, lean.gamma_lambda):
@@ -906,14 +914,52 @@ def test_lean_state_holds_momentum_z_and_per_group_arrays_only():
     (dict(weight_decay=-1e-4), '`weight_decay` must be >= 0'),
     (dict(lambdas={'filters': 1.0}), r"unknown group kind\(s\) \['filters'\]"),
     (dict(lambdas=-1.0), '`lambdas` must be >= 0'),
-    (dict(store_gamma='no'), '`store_gamma` must be True or False'),
-    (dict(store_gamma=0), '`store_gamma` must be True or False'),
-    (dict(store_gamma=None), '`store_gamma` must be True or False'),
+    (dict(kappa=jnp.float32(jnp.inf)), '`kappa` must be finite'),
+    (dict(mu=np.asarray(-1.0)), '`mu` must be > 0'),
 ])
 def test_bad_hyperparameters_raise_at_construction(kwargs, match):
   kwargs = dict(dict(learning_rate=0.1), **kwargs)
   with pytest.raises(ValueError, match=match):
     dl.dessilbi(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(learning_rate='0.1'), "`learning_rate` must be a number, a scalar array or a schedule .*str '0.1'"),
+    (dict(learning_rate=None), '`learning_rate` must be a number'),
+    (dict(learning_rate=True), '`learning_rate` must be a number'),
+    (dict(learning_rate=jnp.ones(3)), r'`learning_rate` must be .* shape \(3,\)'),
+    (dict(kappa='1'), '`kappa` must be a number, a scalar array, got str'),
+    (dict(kappa=lambda count: 1.0), '`kappa` must be a number, got the callable .*inject_hyperparams'),
+    (dict(mu=None), '`mu` must be a number'),
+    (dict(momentum=[0.9]), '`momentum` must be a number.*list'),
+    (dict(weight_decay=jnp.zeros(2)), '`weight_decay` must be'),
+    (dict(weight_decay=jnp.asarray(True)), '`weight_decay` must be .*dtype bool'),
+    (dict(lambdas='0.1'), '`lambdas` must be a number'),
+    (dict(lambdas={'filter': '1'}), "`lambdas\\['filter'\\]` must be a number"),
+    (dict(nesterov=1), '`nesterov` must be True or False'),
+    (dict(normalize_groups='yes'), '`normalize_groups` must be True or False'),
+    (dict(ordering_edges='cpu'), '`ordering_edges` must be True or False.*or None'),
+    (dict(store_gamma='no'), '`store_gamma` must be True or False'),
+    (dict(store_gamma=0), '`store_gamma` must be True or False'),
+    (dict(store_gamma=None), '`store_gamma` must be True or False'),
+    (dict(target_density='0.3'), "`target_density` must be None, a number in \\(0, 1\\] or a Target, got str"),
+])
+def test_hyperparameters_of_a_wrong_type_raise_at_construction_naming_the_argument(kwargs, match):
+  """Caught when the transformation is built, not in update (`bad operand type for unary -: 'str'`)."""
+  kwargs = dict(dict(learning_rate=0.1), **kwargs)
+  with pytest.raises(TypeError, match=match):
+    dl.dessilbi(**kwargs)
+
+
+def test_hyperparameters_may_be_scalar_arrays_and_the_learning_rate_a_schedule():
+  params = {'kernel': jnp.ones((3, 2))}
+  plain = dl.dessilbi(0.1, kappa=2.0, mu=5.0, momentum=0.5, weight_decay=1e-3, lambdas=0.2)
+  arrays = dl.dessilbi(jnp.float32(0.1), kappa=np.float32(2.0), mu=jnp.asarray(5.0), momentum=np.asarray(0.5),
+                       weight_decay=np.float32(1e-3), lambdas=jnp.asarray(0.2))
+  scheduled = dl.dessilbi(optax.constant_schedule(0.1), kappa=2, mu=5, momentum=0.5, weight_decay=1e-3, lambdas=0.2)
+  outs = [jax.jit(tx.update)(params, tx.init(params), params) for tx in (plain, arrays, scheduled)]
+  for out in outs[1:]:
+    chex.assert_trees_all_equal(out, outs[0])
 
 
 def test_non_float_params_raise_at_init():

@@ -215,7 +215,7 @@ def _hand_built():
            'bias': None}
   gamma = {'conv': jnp.where(entry['conv'] > 0, params['conv'], 0),
            'dense': jnp.where(entry['dense'] > 0, params['dense'], 0), 'bias': None}
-  state = dl.DessiLBIState(count=jnp.asarray(7, jnp.int32), momentum=jax.tree.map(jnp.zeros_like, params),
+  state = dl.DessiLBIState(count=jnp.asarray(7, jnp.int32), trace=jax.tree.map(jnp.zeros_like, params),
                            z=gamma, gamma=gamma, gamma_scale={'conv': jnp.ones((1, 1, 1, 6)), 'dense': None, 'bias': None},
                            entry_step=entry)
   return params, state

@@ -398,7 +398,7 @@ def test_surgery_on_a_lean_state_is_surgery_on_the_stored_one():
     for helper in (dl.gamma, dl.z, dl.entry_step, dl.support):
       _assert_same_trees(helper(stored), helper(lean), f'{op}: {helper.__name__}')
     _assert_same_trees(stored.gamma_scale, lean.gamma_scale, f'{op}: s')
-    _assert_same_trees(stored.momentum, lean.momentum, f'{op}: b')
+    _assert_same_trees(stored.trace, lean.trace, f'{op}: b')
     assert lean.gamma_kappa['Dense_1']['kernel'] == states[1].gamma_kappa['Dense_1']['kernel']
     assert any(bool(np.any(s)) for s in jax.tree.leaves(dl.support(lean)))
   assert dl.sparsity_summary(small_vars['params'], removed[0]) == dl.sparsity_summary(small_vars['params'], removed[1])
@@ -455,7 +455,7 @@ def test_widened_network_computes_the_same_and_keeps_old_values(name):
         entry = entry[part]
       if entry is not None:
         assert np.all(np.take(np.asarray(entry), np.flatnonzero(new), axis=s.axis) == -1)
-      momentum = wide_state.momentum
+      momentum = wide_state.trace
       for part in s.path:
         momentum = momentum[part]
       assert np.all(np.take(np.asarray(momentum), np.flatnonzero(new), axis=s.axis) == 0)

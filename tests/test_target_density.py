@@ -240,7 +240,7 @@ def _assert_same_run(stored, lean):
     assert all(g is None for g in jax.tree.leaves(s_b.gamma, is_leaf=lambda x: x is None))
     for name, a, b in (('W', p_a, p_b), ('Z', s_a.z, s_b.z), ('s', s_a.gamma_scale, s_b.gamma_scale),
                        ('entry', s_a.entry_step, s_b.entry_step), ('t', s_a.threshold, s_b.threshold),
-                       ('b', s_a.momentum, s_b.momentum), ('Γ', s_a.gamma, dl.gamma(s_b))):
+                       ('b', s_a.trace, s_b.trace), ('Γ', s_a.gamma, dl.gamma(s_b))):
       assert jax.tree.structure(a) == jax.tree.structure(b), (k, name)
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y, err_msg=f'step {k}: {name}')

@@ -49,7 +49,12 @@ def token(x: jax.Array) -> jax.Array:
   a shared producer inside it), so the edge costs a row of loads, not a pass;
   and under ``jax.jit`` with sharded params it is one scalar all-reduce whatever
   axis is sharded (a slice of the flattened array would all-gather it).
+
+  Of an empty array (a layer whose units were all removed), ``0``: there is no
+  buffer to wait for.
   """
+  if jnp.size(x) == 0:
+    return jnp.zeros([], jnp.float32)
   if jnp.ndim(x) >= 2 and jnp.size(x) == jnp.shape(x)[-1]:
     return x[(0,) * x.ndim].astype(jnp.float32)
   return jnp.sum(x[(0,) * (x.ndim - 1)], dtype=jnp.float32)

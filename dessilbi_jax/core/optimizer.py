@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional, Union
 
@@ -46,7 +47,10 @@ class DessiLBIState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32).
-    momentum: the heavy-ball buffer ``b``, one per leaf.
+    trace: the heavy-ball buffer ``b``, one per leaf (optax's SGD calls it
+      ``trace`` too; no field shares a hyperparameter's name, so that
+      ``optax.tree_utils.tree_set(state, momentum=0.5)`` under
+      ``optax.inject_hyperparams`` sets β, not the buffer).
     z: the dual variable ``Z`` (``None`` on leaves without structure).
     gamma: the structure variable ``Γ = κ·prox_λ(Z)`` (``None`` likewise, and on
       every leaf of a lean state, ``store_gamma=False``: read it with
@@ -69,7 +73,7 @@ class DessiLBIState(NamedTuple):
       however κ and λ change (``optax.inject_hyperparams``).
   """
   count: chex.Array
-  momentum: optax.Updates
+  trace: optax.Updates
   z: optax.Updates
   gamma: optax.Updates
   gamma_scale: optax.Updates
@@ -77,6 +81,13 @@ class DessiLBIState(NamedTuple):
   threshold: optax.Updates = None
   gamma_kappa: optax.Updates = None
   gamma_lambda: optax.Updates = None
+
+  @property
+  def momentum(self):
+    """Deprecated: the buffer is :attr:`trace` (read-only alias, not a pytree field)."""
+    warnings.warn('DessiLBIState.momentum is now DessiLBIState.trace (the name momentum is the '
+                  "hyperparameter's, for optax.inject_hyperparams).", DeprecationWarning, stacklevel=2)
+    return self.trace
 
 
 def state_spec(leaf, param_spec):
@@ -108,11 +119,29 @@ def state_spec(leaf, param_spec):
   return type(param_spec)(*(axis if size > 1 else None for axis, size in zip(padded, jnp.shape(leaf))))
 
 
-def _check_number(name: str, value, *, positive: bool = False, below_one: bool = False):
-  """Raises ValueError for a concrete number out of range (traced values pass)."""
+def _check_number(name: str, value, *, positive: bool = False, below_one: bool = False,
+                  schedule: bool = False):
+  """Raises for anything but a number (or scalar array) in range; ``schedule``: a callable too.
+
+  Arrays are what ``optax.inject_hyperparams`` passes; traced ones are not
+  range-checked (their values are not known when the update is traced).
+  """
+  if callable(value):
+    if schedule:
+      return
+    raise TypeError(f'`{name}` must be a number, got the callable {value!r}: only `learning_rate` takes a '
+                    f'schedule here. To schedule `{name}`, use optax.inject_hyperparams(dl.dessilbi)'
+                    f'({name}=schedule, ...).')
+  kinds = 'a number, a scalar array' + (' or a schedule (a callable of the step count)' if schedule else '')
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, jax.Array, np.ndarray, np.generic)):
+    raise TypeError(f'`{name}` must be {kinds}, got {type(value).__name__} {value!r}.')
+  if (np.ndim(value) != 0 or not (jnp.issubdtype(jnp.result_type(value), jnp.floating)
+                                  or jnp.issubdtype(jnp.result_type(value), jnp.integer))):
+    raise TypeError(f'`{name}` must be {kinds}, got an array of shape {np.shape(value)} and dtype '
+                    f'{jnp.result_type(value)}.')
   try:
     x = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
+  except jax.errors.ConcretizationTypeError:
     return
   if not np.isfinite(x):
     raise ValueError(f'`{name}` must be finite, got {value}.')
@@ -122,6 +151,11 @@ def _check_number(name: str, value, *, positive: bool = False, below_one: bool =
     raise ValueError(f'`{name}` must be >= 0, got {value}.')
   if below_one and x >= 1:
     raise ValueError(f'`{name}` must be in [0, 1), got {value}.')
+
+
+def _check_flag(name: str, value, meaning: str = ''):
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f'`{name}` must be True or False, got {value!r}{meaning}.')
 
 
 def _is_number(x) -> bool:
@@ -184,7 +218,7 @@ def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, *, hyper: _Step
   if kind is None:                                        # W_{k+1} = W_k − α·κ·d_k
     return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None
   fixed = _is_number(h.kappa) and _is_number(h.lambdas[kind])   # not changed by inject_hyperparams
-  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed)
+  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed, h.count)
   if gam is None:                                         # a lean state: W reads Γ_k rebuilt as stored
     gam = _rounded_gamma(z, scale, made, h.count)
     gam_k = gam if gam_k is None else gam_k               # where Γ is stored, Z would read it
@@ -220,7 +254,7 @@ def _kappa_like(kappa, lam):
   return jnp.asarray(kappa).astype(jnp.result_type(lam))
 
 
-def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool):
+def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool, count):
   """Γ_k for the ``Z`` update, equal to the stored ``Γ_k`` to the bit (tested).
 
   The ``Z`` update rebuilds it, so that only the ``W`` update reads the stored
@@ -230,29 +264,41 @@ def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool):
   weight) and rebuild ``Γ_k = κ·prox_λ(Z_k)`` when κ and λ are fixed numbers, or
   read ``Γ_k`` when they may have changed since (``optax.inject_hyperparams``;
   a lean state passes ``None`` and :func:`_rounded_gamma` stands in).
+
+  The product is rounded to the state dtype, as the stored ``Γ_k`` was, before
+  ``W_k − Γ_k`` reads it (:func:`_rounded`): left to itself the compiler
+  contracts ``W − Z·s`` into one fused multiply-add, rounded once (LLVM on the
+  CPU in float32, and in float16 on CPUs with float16 arithmetic, AVX512-FP16;
+  the GPU's compiler likewise), which is not ``W_k − Γ_k`` of the stored ``Γ_k``.
   """
   if scale is not None:
-    return z * scale
+    return _rounded(z * scale, count)
   if fixed:
-    return prox.shrink_groups(z, kind, prox.group_norms(z, kind), lam, kappa)[0]
+    return _rounded(_lasso_gamma(z, kappa, lam), count)
   return gam
+
+
+def _rounded(x, count):
+  """``x`` rounded to its dtype before any use: ``x − (+0)``, a ``+0`` the compiler cannot see through.
+
+  A product that feeds a subtraction may be contracted with it into a fused
+  multiply-add; ``Z·s − 0`` may be contracted too, but that is the rounded
+  product, exactly. The ``+0`` is :func:`dessilbi_jax.core.cpu_schedule.after` on
+  the step count's bits read as a float (a scalar that is never sharded and
+  exists before any buffer is written; converted to a float it would be known
+  not to be NaN, and LLVM would fold the ``+0`` away).
+  """
+  return cpu_schedule.after(x, jax.lax.bitcast_convert_type(jnp.asarray(count, jnp.int32), jnp.float32))
 
 
 def _rounded_gamma(z, scale, made, count):
   """Γ_k of a lean state where the stored one would be read: to the bit the stored, rounded ``Γ_k``.
 
-  XLA contracts ``W − Z·s`` into one fused multiply-add (LLVM on the CPU, and
-  the GPU's compiler), rounded once: not ``W − Γ_k`` with ``Γ_k`` rounded when
-  it was stored. Subtracting an exact ``+0`` that the compiler cannot see
-  through (:func:`dessilbi_jax.core.cpu_schedule.after` on the step count's bits
-  read as a float, a scalar that is never sharded; converted to a float it would
-  be known not to be NaN, and LLVM folds the ``+0`` away) keeps the product
-  rounded; the product is ``Z·(s − 0)`` (lasso: ``κ − 0``) so that it is not
-  shared with the ``Z`` update's ``Z·s``, whose contraction stays that of the
-  stored state's update.
+  Rounded as in :func:`_rebuilt_gamma`; the product is ``Z·(s − 0)`` (lasso:
+  ``κ − 0``) so that it is not shared with the ``Z`` update's ``Z·s``: each
+  fusion recomputes its own, none is written to memory for the other.
   """
-  bits = jax.lax.bitcast_convert_type(jnp.asarray(count, jnp.int32), jnp.float32)
-  after = lambda x: cpu_schedule.after(x, bits)
+  after = lambda x: _rounded(x, count)
   if scale is not None:
     return after(z * after(scale))
   kappa, lam = made
@@ -301,8 +347,12 @@ def _as_arrays(tree):
 def _per_group_full(w, kind: str, fill, dtype):
   """A per-group array (keepdims shape) of ``fill``, sharded like ``w`` along the group axis.
 
-  The keepdims sum only gives the shape and sharding; XLA drops it.
+  The keepdims sum only gives the shape and sharding; XLA drops it. An
+  abstract ``w`` (``jax.ShapeDtypeStruct``, as optax's ``init`` accepts) is
+  read as zeros of its shape and sharding.
   """
+  if isinstance(w, jax.ShapeDtypeStruct):
+    w = jnp.zeros(w.shape, w.dtype, device=w.sharding)
   return jnp.full_like(jnp.sum(w, axis=grouping.reduce_axes(kind, jnp.ndim(w)), keepdims=True), fill, dtype)
 
 
@@ -375,11 +425,13 @@ def dessilbi(
       params are sharded in their types;
       ``True``/``False`` force it. The numbers are the same to the bit either way.
     target_density: steer λ so that Γ's support ends on this density of the
-      structured weights: a number ε in (0, 1] (model-wise, in weights, budget
-      cap) or a :class:`dessilbi_jax.core.target_density.Target` (per layer, in
-      groups, dual ascent, every n steps). The support grows as DessiLBI's
-      until it holds ε of the weights; then λ rises so that it never holds
-      more (see :mod:`dessilbi_jax.core.target_density`). ``None``: λ as given.
+      structured weights: a number ε in (0, 1] is ``Target(density=ε)``, one
+      model-wide density of the weights reached by dual ascent on λ (rate
+      0.01, every step, λ free to fall to 0); a
+      :class:`dessilbi_jax.core.target_density.Target` chooses per layer or per
+      group, the budget cap (``method='budget'``: λ only rises, once the
+      support holds ε) and the rate (see :mod:`dessilbi_jax.core.target_density`).
+      ``None``: λ as given.
     store_gamma: keep ``Γ`` in the state (default). ``False``: a lean state
       without ``Γ``, which is a function of ``Z`` (``Γ_g = s_g·Z_g`` with the
       per-group scale the state keeps; on lasso leaves ``κ·prox_λ(Z)`` with the
@@ -418,8 +470,7 @@ def dessilbi(
     Array([[ True, False],
            [ True, False]], dtype=bool)
   """
-  if not callable(learning_rate):
-    _check_number('learning_rate', learning_rate)
+  _check_number('learning_rate', learning_rate, schedule=True)
   _check_number('kappa', kappa, positive=True)
   _check_number('mu', mu, positive=True)
   _check_number('momentum', momentum, below_one=True)
@@ -433,11 +484,11 @@ def dessilbi(
           "optax.inject_hyperparams(dl.dessilbi, static_args=('state_dtype',)).")
     if not jnp.issubdtype(state_dtype, jnp.floating):
       raise ValueError(f'`state_dtype` must be a floating-point dtype, got {state_dtype!r}.')
-  if not isinstance(nesterov, (bool, np.bool_)):
-    raise ValueError(f'`nesterov` must be True or False, got {nesterov!r}.')
-  if not isinstance(store_gamma, (bool, np.bool_)):
-    raise ValueError(f'`store_gamma` must be True or False, got {store_gamma!r}: False keeps a lean state '
-                     'without Γ (rebuilt from Z by dl.gamma).')
+  _check_flag('nesterov', nesterov)
+  _check_flag('normalize_groups', normalize_groups)
+  _check_flag('store_gamma', store_gamma, ': False keeps a lean state without Γ (rebuilt from Z by dl.gamma)')
+  if ordering_edges is not None:
+    _check_flag('ordering_edges', ordering_edges, ' or None (on when the default backend is the CPU)')
   store_gamma = bool(store_gamma)
   target = targets.as_target(target_density)
 
@@ -453,7 +504,7 @@ def dessilbi(
     lasso = lambda f: None if store_gamma else per_leaf(lambda w, k: f(w, k) if k == 'lasso' else None)
     return DessiLBIState(
         count=jnp.zeros([], jnp.int32),
-        momentum=jax.tree.map(lambda w: jnp.zeros_like(w, dtype_of(w)), params),
+        trace=jax.tree.map(lambda w: jnp.zeros_like(w, dtype_of(w)), params),
         z=per_leaf(lambda w, k: jnp.zeros_like(w, dtype_of(w))),
         gamma=per_leaf(lambda w, k: jnp.zeros_like(w, dtype_of(w)) if store_gamma else None),
         gamma_scale=per_leaf(lambda w, k: None if k == 'lasso' else _per_group_full(w, k, 0, dtype_of(w))),
@@ -476,7 +527,7 @@ def dessilbi(
     treedef = jax.tree.structure(params)
     kinds = treedef.flatten_up_to(kinds)
     leaves = list(zip(*[treedef.flatten_up_to(t) for t in (
-        updates, state.momentum, params, state.z, state.gamma, state.gamma_scale, state.entry_step)]))
+        updates, state.trace, params, state.z, state.gamma, state.gamma_scale, state.entry_step)]))
     made = _made_leaves(state, treedef)
     ordered = cpu_schedule.wanted(ordering_edges, jax.tree.leaves(params))
     if target is not None:
@@ -489,7 +540,7 @@ def dessilbi(
       results = [step(*args) for args in leaves]
     fields = list(zip(*results)) or [()] * 7   # no params: empty trees
     step, b, z, gam, scale, entry = (treedef.unflatten(list(f)) for f in fields[:6])
-    return step, DessiLBIState(count=hyper.count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry,
+    return step, DessiLBIState(count=hyper.count, trace=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry,
                                **_made_fields(fields[6], treedef))
 
   def _made_leaves(state, treedef):
@@ -537,7 +588,7 @@ def dessilbi(
       out.append((step, b, z, *structure_update(z, norms, entry, kind, lam, hyper=hyper, store_gamma=store_gamma)))
     fields = list(zip(*out)) or [()] * 7
     step, b, z, gam, scale, entry = (treedef.unflatten(list(f)) for f in fields[:6])
-    return step, DessiLBIState(count=hyper.count, momentum=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry,
+    return step, DessiLBIState(count=hyper.count, trace=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry,
                                threshold=treedef.unflatten(new_thresholds), **_made_fields(fields[6], treedef))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -84,9 +84,13 @@ def as_target(target: Union[None, float, Target]):
     return None
   if not isinstance(target, Target):
     target = Target(density=target)
+  if isinstance(target.density, (bool, np.bool_, str)) or not (
+      isinstance(target.density, (float, int, np.generic, np.ndarray, jax.Array)) and np.ndim(target.density) == 0):
+    raise TypeError(f'`target_density` must be None, a number in (0, 1] or a Target, got '
+                    f'{type(target.density).__name__} {target.density!r}.')
   try:
     density = float(target.density)
-  except (TypeError, jax.errors.ConcretizationTypeError):
+  except jax.errors.ConcretizationTypeError:
     density = None   # injected by optax.inject_hyperparams: checked by the caller's range, not here
   if density is not None and not (0 < density <= 1):
     raise ValueError(f'`target_density` must be in (0, 1], got {target.density}: the fraction of the '
