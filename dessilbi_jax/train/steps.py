@@ -83,7 +83,7 @@ def layer_widths_field(values) -> Optional[tuple[tuple[str, Any], ...]]:
   if values is None:
     return None
   pairs = values.items() if isinstance(values, Mapping) else values
-  return tuple(sorted((str(name), models._hashable(value)) for name, value in pairs)) or None  # pylint: disable=protected-access
+  return tuple(sorted((str(name), models.networks._hashable(value)) for name, value in pairs)) or None  # pylint: disable=protected-access
 
 
 def model_record(cfg: TrainConfig) -> dict[str, Any]:
