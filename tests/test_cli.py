@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -17,16 +18,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05']
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
+# data_dir: tests/conftest.py.
 
 
 @pytest.fixture(scope='module')
-def run(data_dir, tmp_path_factory):
-  """`dessilbi train` for 2 epochs, then `--resume` up to 3."""
+def run(lenet_run, data_dir, tmp_path_factory):
+  """A copy of `dessilbi train` for 2 epochs (conftest.py's lenet_run: these flags), then `--resume` up to 3."""
+  assert train.load_config(lenet_run) == train.preset('digits', widths=(4, 8, 16, 16), batch_size=128, lr=0.05,
+                                                      epochs=2, data_dir=data_dir)   # what `train *TINY` builds
   out = tmp_path_factory.mktemp('cli') / 'run'
-  assert cli.main(['train', *TINY, '--epochs', '2', '--data-dir', data_dir, '--out', str(out)]) == 0
+  shutil.copytree(lenet_run, out)
   assert cli.main(['train', '--resume', '--out', str(out), '--epochs', '3', '--quiet']) == 0
   return out
 
@@ -121,7 +122,8 @@ def test_an_unprepared_dataset_fails_before_anything_is_written(data_dir, capsys
   assert not (tmp_path / 'x').exists()
 
 
-def test_dataset_picks_its_preset_and_flags_override_it(data_dir, tmp_path):
+def test_dataset_picks_its_preset_and_flags_override_it(prepare_data, tmp_path):
+  data_dir = prepare_data('mnist1d')
   out = tmp_path / 'mnist1d'
   argv = ['train', '--dataset', 'mnist1d', '--widths', '4', '4', '4', '--batch-size', '500', '--epochs', '1',
           '--lambda', 'filter=2', 'lasso=0.01', '--no-normalize-groups', '--no-store-gamma', '--quiet', '--data-dir', data_dir,

@@ -15,11 +15,11 @@ from dessilbi_jax.structure import masks as structure_masks
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
+def run(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp('ticket')
   # λ small enough that some filters and weights enter Γ's support in two epochs, large enough that not all do.
   cfg = train.TrainConfig(model='lenet', dataset='digits', widths=(4, 8, 16, 16), batch_size=128, epochs=2,
-                          lr=0.05, mu=5.0, lambdas=0.05, data_dir=str(root / 'data'))
+                          lr=0.05, mu=5.0, lambdas=0.05, data_dir=data_dir)
   train.fit(cfg, root / 'run', quiet=True)
   return root
 
@@ -89,12 +89,12 @@ def _resnet_support(params):
 
 
 @pytest.fixture(scope='module')
-def resnet_run(tmp_path_factory, rbg_keys):
+def resnet_run(tmp_path_factory, rbg_keys, data_dir):
   """A ResNet-20 run directory holding what a ticket reads (config, init params, Γ's support after epoch 1)."""
   from dessilbi_jax.train import checkpoint
   from dessilbi_jax.train import run_dir as files
   root = tmp_path_factory.mktemp('resnet_ticket')
-  cfg = train.TrainConfig(**RESNET, data_dir=str(root / 'data'))
+  cfg = train.TrainConfig(**RESNET, data_dir=data_dir)
   model, info = train.build_model(cfg)
   variables = train.init_variables(model, info.input_shape, jax.random.PRNGKey(cfg.seed))
   run_dir = root / 'run'

@@ -84,12 +84,10 @@ class FakeImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 @pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """digits and mnist1d prepared offline, once."""
-  path = str(tmp_path_factory.mktemp('offline'))
-  for name in ('digits', 'mnist1d'):
-    data.load_arrays(name, 'train', data_dir=path)
-  return path
+def data_dir(prepare_data):
+  """digits and mnist1d prepared offline, once per session (conftest.py)."""
+  prepare_data('mnist1d')
+  return prepare_data('digits')
 
 
 @pytest.fixture(scope='session')

@@ -69,13 +69,13 @@ def _two_processes(argv, dump, *, late_until: pathlib.Path = None, timeout=150):
 
 
 @pytest.fixture(scope='module')
-def single(tmp_path_factory):
-  """The same run in one process (one device, the same global batch of 128): 2 epochs, checkpoints 1 and 2."""
-  data_dir = str(tmp_path_factory.mktemp('data'))
-  cfg = train.preset('digits', widths=(4, 8, 16, 16), batch_size=128, lr=0.05, epochs=2, data_dir=data_dir)
-  out = tmp_path_factory.mktemp('single') / 'run'
-  result = train.fit(cfg, out, quiet=True)
-  return data_dir, out, result
+def single(run, tiny):
+  """The same run in one process (one device, the same global batch of 128): 2 epochs, checkpoints 1 and 2
+  (conftest.py's run)."""
+  assert tiny == train.preset('digits', widths=(4, 8, 16, 16), batch_size=128, lr=0.05, epochs=2,
+                              data_dir=tiny.data_dir)
+  out, result = run
+  return tiny.data_dir, out, result
 
 
 def _params_of_checkpoint(run_dir, epoch, like):

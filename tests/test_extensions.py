@@ -18,8 +18,8 @@ STEPS = 11   # 1,442 // 128 steps per epoch
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  return train.TrainConfig(**TINY, data_dir=str(tmp_path_factory.mktemp('data')))
+def tiny(data_dir):
+  return train.TrainConfig(**TINY, data_dir=data_dir)
 
 
 @pytest.fixture(scope='module')

@@ -24,8 +24,8 @@ RULE = dict(grow_every=1, finetune_epochs=1, tau=0.5, min_add={'conv': 1, 'dense
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  return train.TrainConfig(**TINY, data_dir=str(tmp_path_factory.mktemp('data')))
+def tiny(data_dir):
+  return train.TrainConfig(**TINY, data_dir=data_dir)
 
 
 @pytest.fixture(scope='module')

@@ -21,8 +21,7 @@ GATES_LR, DUAL_LR = 6.0, 0.5
 
 
 @pytest.fixture(scope='module')
-def digits(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('data'))
+def digits(data_dir):
   x, y = data.load_arrays('digits', 'train', data_dir=data_dir)
   xt, yt = data.load_arrays('digits', 'test', data_dir=data_dir)
   return x.reshape(len(x), -1), y, xt.reshape(len(xt), -1), yt

@@ -20,16 +20,7 @@ TINY = dict(model='lenet', dataset='digits', widths=(4, 8, 16, 16), batch_size=1
 TINY_FLAGS = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05']
 
 
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  return train.TrainConfig(**TINY, data_dir=str(tmp_path_factory.mktemp('data')))
-
-
-@pytest.fixture(scope='module')
-def run(tiny, tmp_path_factory):
-  """A 2-epoch run (directory, result); tests copy it before changing it."""
-  out = tmp_path_factory.mktemp('run') / 'run'
-  return out, train.fit(tiny, out, quiet=True)
+# tiny (TrainConfig(**TINY)) and run (its 2-epoch run and result): tests/conftest.py.
 
 
 @pytest.fixture

@@ -166,9 +166,9 @@ def test_save_compact_never_overwrites(saved):
 # -- a run's compact network -------------------------------------------------------------------
 
 @pytest.mark.filterwarnings('ignore:Unit group')  # after one epoch, layers with no filter in Γ keep one
-def test_compact_run_writes_the_removed_network_of_a_checkpoint(tmp_path):
+def test_compact_run_writes_the_removed_network_of_a_checkpoint(tmp_path, data_dir):
   cfg = train.TrainConfig(model='lenet', dataset='digits', widths=(4, 8, 16, 16), batch_size=128, epochs=1,
-                          lr=0.05, lambdas=(('filter', 0.02), ('lasso', 0.02)), data_dir=str(tmp_path / 'data'))
+                          lr=0.05, lambdas=(('filter', 0.02), ('lasso', 0.02)), data_dir=data_dir)
   result = train.fit(cfg, tmp_path / 'run', quiet=True)
   report = compact.compact_run(tmp_path / 'run', None, tmp_path / 'compact')
   model, variables = structure.load_compact(tmp_path / 'compact')

@@ -16,14 +16,9 @@ from dessilbi_jax import train
 TINY = ['--widths', '4', '8', '16', '16', '--batch-size', '128', '--lr', '0.05']
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data'))
-
-
-def test_the_summary_prints_under_quiet_and_names_the_next_step(data_dir, tmp_path, capsys):
-  out = tmp_path / 'run'
-  assert cli.main(['train', *TINY, '--epochs', '3', '--quiet', '--data-dir', data_dir, '--out', str(out)]) == 0
+def test_the_summary_prints_under_quiet_and_names_the_next_step(copy_run, capsys):
+  out = copy_run()   # conftest.py's 2-epoch run (these flags), taken to 3 epochs
+  assert cli.main(['train', '--resume', '--epochs', '3', '--quiet', '--out', str(out)]) == 0
   captured = capsys.readouterr()
   rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
   last = rows[-1]
