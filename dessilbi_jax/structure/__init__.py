@@ -1,4 +1,4 @@
-"""Structure: the unit map of a network and the operations on it (see ``STRUCTURE.md``).
+"""Structure: the unit map of a network and the operations on it (see ``docs/STRUCTURE.md``).
 
 * :mod:`~dessilbi_jax.structure.unit_map`: the types, :class:`Slice`,
   :class:`UnitGroup`, :class:`UnitMap`;

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import traceback
 from collections.abc import Callable
 from typing import Optional
 
@@ -432,7 +433,8 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
       rebuilds the model with new widths
       (:data:`~dessilbi_jax.structure.unit_map.RebuildRule`); default: the
       zoo's rule for the zoo's models, none for others.
-    apply_kwargs: keyword arguments of ``model.apply`` (default ``{'train': False}``).
+    apply_kwargs: keyword arguments of ``model.apply`` (default ``{'train': False}``,
+      or none for a module whose ``__call__`` takes no ``train``, e.g. ``nn.Sequential``).
 
   Returns:
     A :class:`~dessilbi_jax.structure.unit_map.UnitMap`.
@@ -444,8 +446,7 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
   unknown = sorted(set(variables) - {'params', 'batch_stats'})
   if unknown:
     raise ValueError(f'trace handles the params and batch_stats collections; got also {unknown}.')
-  kwargs = {'train': False} if apply_kwargs is None else apply_kwargs
-  closed = jax.make_jaxpr(lambda v, inputs: model.apply(v, inputs, **kwargs))(variables, x)
+  closed, kwargs = _eval_jaxpr(model, variables, x, apply_kwargs)
   jaxpr = closed.jaxpr
   keys = _flat_keys(variables)
   normalized = {path[:-1] for collection, path in keys if collection == 'batch_stats'}
@@ -460,8 +461,51 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
       interp.spaces.fix(out.space, 'the network\'s outputs (the classifier\'s logits are never units)')
   unit_map = _groups(interp)
   rule = rebuild if rebuild is not None else zoo.rebuild_rule(model)
-  unit_map = dataclasses.replace(unit_map, rebuild=rule, input_shape=tuple(x_shape[1:]))
+  unit_map = dataclasses.replace(unit_map, rebuild=rule, input_shape=tuple(x_shape[1:]),
+                                 apply_kwargs=tuple(sorted(kwargs.items())))
   return zoo.annotate(model, unit_map)
+
+
+_LIBRARIES = ('/jax/', '/jaxlib/', '/flax/', '/dessilbi_jax/', '/contextlib.py', '/functools.py')
+
+
+def _user_line(error: BaseException) -> str:
+  """The innermost frame of the traceback outside JAX, Flax and this library: the user's line."""
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not any(part in f.filename.replace('\\', '/') for part in _LIBRARIES)]
+  if not frames:
+    return 'an unknown source line'
+  frame = frames[-1]
+  return f'{frame.filename}:{frame.lineno} ({frame.line})' if frame.line else f'{frame.filename}:{frame.lineno}'
+
+
+def _takes_no_train(model, error: TypeError) -> bool:
+  return "'train'" in str(error) and 'keyword' in str(error)
+
+
+def _eval_jaxpr(model, variables, x, apply_kwargs):
+  """``(jaxpr of model.apply in eval mode, the keyword arguments used)``.
+
+  Without ``apply_kwargs``: ``train=False``, or none where the module takes
+  no ``train`` (``nn.Sequential`` passes it on to its first layer). Python
+  control flow on an array's value cannot be traced: an :class:`UntraceableError`
+  names the user's line.
+  """
+  candidates = [apply_kwargs] if apply_kwargs is not None else [{'train': False}, {}]
+  for i, kwargs in enumerate(candidates):
+    try:
+      return jax.make_jaxpr(lambda v, inputs, kwargs=kwargs: model.apply(v, inputs, **kwargs))(variables, x), kwargs
+    except TypeError as e:
+      if i + 1 < len(candidates) and _takes_no_train(model, e):
+        continue
+      raise
+    except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError,
+            jax.errors.TracerIntegerConversionError) as e:
+      raise UntraceableError(
+          f'Cannot trace the model: Python control flow on an array\'s value at {_user_line(e)} '
+          f'({type(e).__name__}). The unit map follows one computation for every input: use jnp.where / '
+          'jax.lax.cond there, or a static (Python) value.') from None
+  raise AssertionError('unreachable')
 
 
 def _groups(interp: _Interpreter) -> UnitMap:

@@ -3,7 +3,7 @@
 A **unit** is one output channel (conv filter) or hidden neuron; a
 :class:`UnitGroup` is a set of units that can only be removed or added
 together, with every :class:`Slice` of every array that belongs to it (see
-``STRUCTURE.md``). Residual additions tie channels, so one group may span many
+``docs/STRUCTURE.md``). Residual additions tie channels, so one group may span many
 layers (a residual stream); a :class:`UnitMap` is the tuple of a network's groups
 plus the rule that rebuilds the model with other widths.
 
@@ -141,11 +141,19 @@ class UnitMap:
       example (1 for a dense layer on a vector): multiply-accumulates are
       positions times kernel entries.
     input_shape: the shape of one example the map was traced with (no batch axis).
+    apply_kwargs: the keyword arguments of ``model.apply`` it was traced with,
+      as ``((name, value), ...)``; ``None``: ``train=False``.
   """
   groups: tuple[UnitGroup, ...]
   rebuild: Optional[RebuildRule] = None
   positions: tuple[tuple[tuple[str, ...], int], ...] = ()
   input_shape: tuple[int, ...] = ()
+  apply_kwargs: Optional[tuple[tuple[str, Any], ...]] = None
+
+  @property
+  def eval_kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of ``model.apply`` in eval mode."""
+    return {'train': False} if self.apply_kwargs is None else dict(self.apply_kwargs)
 
   def __post_init__(self):
     names = [g.name for g in self.groups]
