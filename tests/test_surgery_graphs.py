@@ -100,3 +100,97 @@ def test_resnet20_with_one_block_out_of_the_support_keeps_the_stream_and_drops_t
   assert models.count_params(small_vars['params']) == dense - block
   masked = structure.zero(variables, unit_map, keep)
   _close(small.apply(small_vars, x, train=False), model.apply(masked, x, train=False))
+
+
+# -- 3. any traced model is removed, saved and loaded without its class -----------------------
+
+_USER_MODULE = '''
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class ResNetish(nn.Module):
+  """A user's net: a residual add, BatchNorm, a strided conv, a flatten and two dense layers."""
+  width: int = 6
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+    h = nn.relu(nn.Conv(self.width, (3, 3))(x))
+    x = nn.relu(x + nn.Conv(self.width, (3, 3))(h))
+    x = nn.relu(nn.Conv(2 * self.width, (3, 3), strides=2)(x))
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(3)(nn.relu(nn.Dense(7)(x)))
+'''
+
+
+def _import_user_module(tmp_path, name='user_resnetish'):
+  (tmp_path / f'{name}.py').write_text(_USER_MODULE)
+  sys.path.insert(0, str(tmp_path))
+  try:
+    module = __import__(name)
+  finally:
+    sys.path.remove(str(tmp_path))
+  sys.modules.pop(name, None)
+  return module
+
+
+def test_a_users_model_goes_trace_remove_save_and_loads_without_its_module(tmp_path):
+  user = _import_user_module(tmp_path / '.')
+  model = user.ResNetish()
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8, 8, 1)), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  unit_map = structure.trace(model, variables, x)
+  rng = np.random.default_rng(3)
+  keep = {g.name: rng.random(g.size) < 0.6 for g in unit_map.prunable()}
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', UserWarning)
+    small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+    masked = structure.zero(variables, unit_map, keep)
+  assert models.count_params(small_vars['params']) < models.count_params(variables['params'])
+  logits = small.apply(small_vars, x, train=False)
+  _close(logits, model.apply(masked, x, train=False))
+  structure.save_compact(tmp_path / 'compact', small, small_vars, input_shape=(8, 8, 1))
+  np.save(tmp_path / 'x.npy', np.asarray(x))
+  np.save(tmp_path / 'logits.npy', np.asarray(logits))
+  (tmp_path / 'user_resnetish.py').unlink()               # the user's class is gone
+  script = textwrap.dedent(f'''
+      import numpy as np
+      from dessilbi_jax import structure
+      model, variables = structure.load_compact({str(tmp_path / 'compact')!r})
+      x = np.load({str(tmp_path / 'x.npy')!r})
+      out = np.asarray(model.apply(variables, x, train=False))
+      np.testing.assert_array_equal(out, np.load({str(tmp_path / 'logits.npy')!r}))
+      assert model.apply(variables, np.concatenate([x, x]), train=False).shape == (6, 3)
+      print('ok')
+  ''')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
+
+
+def test_a_damaged_exported_model_is_named_in_one_line(tmp_path):
+  class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.relu(nn.Dense(3)(x)))
+
+  x = jnp.ones((2, 4))
+  variables = Small().init(jax.random.key(0), x)
+  directory = tmp_path / 'compact'
+  description = structure.save_compact(directory, Small(), variables, input_shape=(4,))
+  assert description['model'] is None and description['output_shape'] == [2]
+  loaded, loaded_vars = structure.load_compact(directory)
+  np.testing.assert_array_equal(loaded.apply(loaded_vars, x), Small().apply(variables, x))
+  with pytest.raises(ValueError, match='eval mode only'):
+    loaded.apply(loaded_vars, x, train=True)
+  program = directory / 'apply.jaxexport'
+  blob = bytearray(program.read_bytes())
+  blob[len(blob) // 2] ^= 0xFF
+  program.write_bytes(bytes(blob))
+  with pytest.raises(ValueError, match=r'apply.jaxexport differs from what was saved') as info:
+    structure.load_compact(directory)
+  assert '\n' not in str(info.value)
+  program.unlink()
+  with pytest.raises(ValueError, match=r'apply.jaxexport \(the exported program\) is missing'):
+    structure.load_compact(directory)
