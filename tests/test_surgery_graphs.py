@@ -194,3 +194,47 @@ def test_a_damaged_exported_model_is_named_in_one_line(tmp_path):
   program.unlink()
   with pytest.raises(ValueError, match=r'apply.jaxexport \(the exported program\) is missing'):
     structure.load_compact(directory)
+
+
+# -- 2. units whose zero output is not zero: folded into the readers' biases, or refused ----------
+
+class Activated(nn.Module):
+  activation: str = 'sigmoid'
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    act = {'sigmoid': nn.sigmoid, 'softplus': nn.softplus, 'relu_plus_one': lambda h: nn.relu(h + 1.0),
+           'relu': nn.relu, 'gelu': nn.gelu, 'tanh': jnp.tanh, 'elu': nn.elu}[self.activation]
+    h = act(nn.Conv(5, (3, 3), padding='VALID')(x))
+    h = act(nn.BatchNorm(use_running_average=not train)(nn.Conv(6, (3, 3), padding='VALID', use_bias=False)(h)))
+    h = act(nn.Dense(7)(h.reshape((h.shape[0], -1))))
+    return nn.Dense(3)(h)
+
+
+@pytest.mark.parametrize('activation', ['sigmoid', 'softplus', 'relu_plus_one', 'relu', 'gelu', 'tanh', 'elu'])
+def test_removed_units_that_emit_a_constant_are_folded_exactly(activation):
+  model = Activated(activation)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 8, 8, 2)), jnp.float32)
+  variables = model.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda a: a + 0.3 if a.ndim == 1 else a, variables)  # non-zero biases, means, vars
+  unit_map = structure.trace(model, variables, x)
+  keep = {'Conv_0': np.arange(5) % 2 == 0, 'Conv_1': np.arange(6) < 4, 'Dense_0': np.arange(7) % 3 != 1}
+  small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  _close(small.apply(small_vars, x, train=False), model.apply(structure.zero(variables, unit_map, keep), x,
+                                                               train=False))
+
+
+def test_a_constant_a_padded_conv_would_read_is_refused_with_the_op_named():
+  class PaddedSigmoid(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.sigmoid(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(2)(nn.Conv(3, (3, 3))(h).mean(axis=(1, 2)))
+
+  model = PaddedSigmoid()
+  x = jnp.ones((1, 6, 6, 1))
+  variables = model.init(jax.random.key(0), x)
+  unit_map = structure.trace(model, variables, x)
+  with pytest.raises(structure.InexactRemovalError, match=r'`logistic` at .*test_surgery_graphs.py:\d+.*Conv_1, '
+                                                          r'a zero-padded convolution'):
+    structure.remove(model, variables, unit_map, {'Conv_0': np.arange(4) != 2})

@@ -17,6 +17,7 @@
 from dessilbi_jax.structure.count import count
 from dessilbi_jax.structure.export import load_compact
 from dessilbi_jax.structure.export import save_compact
+from dessilbi_jax.structure.folding import InexactRemovalError
 from dessilbi_jax.structure.masks import keep_from_gates
 from dessilbi_jax.structure.masks import keep_from_gmp
 from dessilbi_jax.structure.masks import keep_from_support
@@ -33,6 +34,6 @@ from dessilbi_jax.structure.unit_map import Slice
 from dessilbi_jax.structure.unit_map import UnitGroup
 from dessilbi_jax.structure.unit_map import UnitMap
 
-__all__ = ('Slice', 'UnitGroup', 'UnitMap', 'UntraceableError', 'count', 'gate', 'keep_from_gates', 'keep_from_gmp',
+__all__ = ('InexactRemovalError', 'Slice', 'UnitGroup', 'UnitMap', 'UntraceableError', 'count', 'gate', 'keep_from_gates', 'keep_from_gmp',
            'keep_from_support', 'keep_from_weights', 'load_compact', 'remove', 'resolve_keep', 'save_compact', 'trace',
            'unit_masks', 'widen', 'zero')

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dessilbi_jax.structure import folding
 from dessilbi_jax.structure import resized
 from dessilbi_jax.structure.unit_map import Slice, UnitGroup, UnitMap, new_extent
 
@@ -324,6 +325,10 @@ def remove(model, variables, unit_map: UnitMap, keep: Keep, opt_state=None, *, c
   resolved = resolve_keep(unit_map, keep, cut_streams=cut_streams, round_to=round_to)
   sources = _sources_of(unit_map, resolved)
   plan = _leaf_plan(unit_map, sources)
+  if unit_map.input_shape and any(not m.all() for m in resolved.values()):
+    # What the removed units still emit (sigmoid(0), softplus(0), ...) moves into their readers' biases.
+    masked = jax.tree.map(_masked, variables, unit_masks(variables, unit_map, resolved))
+    variables = folding.fold(model, variables, masked, unit_map, resolved, _dead_layers(unit_map, resolved))
   if unit_map.rebuild is None:
     new_model, new_vars = _resized(model, variables, unit_map, plan)
   else:
