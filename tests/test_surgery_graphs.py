@@ -238,3 +238,95 @@ def test_a_constant_a_padded_conv_would_read_is_refused_with_the_op_named():
   with pytest.raises(structure.InexactRemovalError, match=r'`logistic` at .*test_surgery_graphs.py:\d+.*Conv_1, '
                                                           r'a zero-padded convolution'):
     structure.remove(model, variables, unit_map, {'Conv_0': np.arange(4) != 2})
+
+
+# -- 4. depthwise convolutions, channel slices and splits, nn.Sequential ----------------------
+
+class MobileBlock(nn.Module):
+  """MobileNet's inverted residual: expand (1x1) -> depthwise 3x3 -> project (1x1), BatchNorm and ReLU6."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    norm = lambda h: nn.BatchNorm(use_running_average=not train)(h)
+    h = nn.relu6(norm(nn.Conv(8, (1, 1), use_bias=False)(x)))
+    h = nn.relu6(norm(nn.Conv(8, (3, 3), feature_group_count=8, use_bias=False)(h)))
+    x = x + norm(nn.Conv(4, (1, 1), use_bias=False)(h))
+    return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def test_a_depthwise_conv_is_tied_to_its_input_channels_and_removed_with_them():
+  model = MobileBlock()
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 6, 6, 4)), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda a: a + 0.2 if a.ndim == 1 else a, variables)
+  unit_map = structure.trace(model, variables, x)
+  expand = unit_map['Conv_0']
+  assert {s.path for s in expand.producers} == {('Conv_0', 'kernel'), ('Conv_1', 'kernel')}
+  keep = {'Conv_0': np.arange(8) % 3 != 0}
+  small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  assert small_vars['params']['Conv_1']['kernel'].shape == (3, 3, 1, 5)
+  _close(small.apply(small_vars, x, train=False), model.apply(structure.zero(variables, unit_map, keep), x,
+                                                               train=False))
+
+
+def test_nn_sequential_is_traced_without_apply_kwargs():
+  model = nn.Sequential([nn.Dense(5), nn.relu, nn.Dense(2)])
+  x = jnp.ones((2, 3))
+  variables = model.init(jax.random.key(0), x)
+  unit_map = structure.trace(model, variables, x)
+  assert [g.name for g in unit_map.prunable()] == ['layers_0'] and unit_map.eval_kwargs == {}
+  small, small_vars, _ = structure.remove(model, variables, unit_map, {'layers_0': np.arange(5) < 2})
+  _close(small.apply(small_vars, x), model.apply(structure.zero(variables, unit_map, {'layers_0': np.arange(5) < 2}),
+                                                 x))
+
+
+# -- bad models: named errors ----------------------------------------------------------------
+
+def test_python_control_flow_on_an_array_names_the_users_line():
+  class Branchy(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(4)(x)
+      if h.sum() > 0:   # the user's line
+        h = nn.relu(h)
+      return nn.Dense(2)(h)
+
+  x = jnp.ones((1, 3))
+  variables = Branchy().init(jax.random.key(0), x)
+  with pytest.raises(structure.UntraceableError, match=r'test_surgery_graphs.py:\d+ \(if h.sum\(\) > 0:'):
+    structure.trace(Branchy(), variables, x)
+
+
+def test_an_empty_user_block_and_an_empty_model_are_counted_and_removed():
+  class EmptyBlock(nn.Module):
+    width: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(self.width, kernel_init=nn.initializers.zeros)(x))
+      return x + nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(h)
+
+  class WithEmpty(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = EmptyBlock()(nn.relu(nn.Dense(3)(x)))
+      return nn.Dense(2)(h)
+
+  x = jnp.ones((2, 4))
+  model = WithEmpty()
+  variables = model.init(jax.random.key(0), x)
+  unit_map = structure.trace(model, variables, x)
+  assert unit_map['EmptyBlock_0/Dense_0'].size == 0
+  keep = {'Dense_0': np.array([True, False, True])}
+  # Dense_0 4·2 + 2, the empty block 0 + 0 and its (0, 2) reader 0 + 2, Dense_1 2·2 + 2; MACs 8 + 0 + 0 + 4.
+  assert structure.count(unit_map, variables, keep) == (18, 12)
+  small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  _close(small.apply(small_vars, x), model.apply(structure.zero(variables, unit_map, keep), x))
+
+  class Identity(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x
+
+  unit_map = structure.trace(Identity(), {}, x)
+  assert structure.count(unit_map, {}) == (0, 0) and not unit_map.prunable()

@@ -22,6 +22,7 @@ from dessilbi_jax.structure.masks import keep_from_gates
 from dessilbi_jax.structure.masks import keep_from_gmp
 from dessilbi_jax.structure.masks import keep_from_support
 from dessilbi_jax.structure.masks import keep_from_weights
+from dessilbi_jax.structure.resized import Resized
 from dessilbi_jax.structure.surgery import gate
 from dessilbi_jax.structure.surgery import remove
 from dessilbi_jax.structure.surgery import resolve_keep
@@ -34,6 +35,6 @@ from dessilbi_jax.structure.unit_map import Slice
 from dessilbi_jax.structure.unit_map import UnitGroup
 from dessilbi_jax.structure.unit_map import UnitMap
 
-__all__ = ('InexactRemovalError', 'Slice', 'UnitGroup', 'UnitMap', 'UntraceableError', 'count', 'gate', 'keep_from_gates', 'keep_from_gmp',
+__all__ = ('InexactRemovalError', 'Resized', 'Slice', 'UnitGroup', 'UnitMap', 'UntraceableError', 'count', 'gate', 'keep_from_gates', 'keep_from_gmp',
            'keep_from_support', 'keep_from_weights', 'load_compact', 'remove', 'resolve_keep', 'save_compact', 'trace',
            'unit_masks', 'widen', 'zero')

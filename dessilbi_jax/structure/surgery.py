@@ -111,7 +111,7 @@ def resolve_keep(unit_map: UnitMap, keep: Keep, *, cut_streams: bool = True, rou
         resolved[g.name][:] = False  # the block becomes the identity
   for group in unit_map.prunable():
     mask = resolved[group.name]
-    if group.block is None and not mask.any():
+    if group.block is None and group.size and not mask.any():  # a width-0 layer stays empty
       warnings.warn(f'Unit group {group.name!r} would lose all its {group.size} units; keeping its first unit '
                     '(only a residual block can vanish).', stacklevel=3)
       mask[0] = True

@@ -125,6 +125,11 @@ class _Spaces:
     self.fixed[root] = self.fixed[root] or reason
 
 
+def _positions(out_shape, channel_axis: int) -> int:
+  """Output positions of one example: every axis but the batch (0) and the channels (0 channels allowed)."""
+  return math.prod(n for i, n in enumerate(out_shape) if i not in (0, channel_axis))
+
+
 def _summary(eqn) -> str:
   try:
     from jax._src import source_info_util  # pylint: disable=g-import-not-at-top
@@ -291,16 +296,17 @@ class _Interpreter:
       self.fail(eqn, 'its kernel is broadcast along the output channels')
     space = self.spaces.new(size)
     self.record(space, kernel.key, leaf_axis, 'producer', size)
-    out_shape = eqn.outvars[0].aval.shape
-    self.positions.append((kernel.key[1], math.prod(out_shape) // out_shape[0] // size))
+    self.positions.append((kernel.key[1], _positions(eqn.outvars[0].aval.shape, out_axis)))
     return _Label(out_axis, space, 1, kernel.key[1][:-1])
 
   def conv(self, eqn, values) -> _Label:
     lhs, rhs = values
     if isinstance(lhs, list) or not isinstance(rhs, list):
       self.fail(eqn, 'the kernel must be a variable and the input an activation')
-    if eqn.params['feature_group_count'] != 1 or eqn.params['batch_group_count'] != 1:
-      self.fail(eqn, 'grouped / depthwise convolutions tie input and output channels')
+    if eqn.params['batch_group_count'] != 1:
+      self.fail(eqn, 'a batch-grouped convolution mixes the batch into the channels')
+    if eqn.params['feature_group_count'] != 1:
+      return self.grouped_conv(eqn, values)
     lhs_spec, rhs_spec, out_spec = eqn.params['dimension_numbers']
     kernel = self.kernel_of(eqn, rhs)
     if lhs is not None:
@@ -308,6 +314,33 @@ class _Interpreter:
         self.fail(eqn, 'its input channels are not the traced channel axis')
       self.consume(lhs, kernel, rhs_spec[1], eqn, eqn.invars[0].aval.shape[lhs_spec[1]])
     return self.produce(kernel, rhs_spec[0], out_spec[1], eqn.outvars[0].aval.shape[out_spec[1]], eqn)
+
+  def grouped_conv(self, eqn, values) -> _Label:
+    """A depthwise conv (one filter per channel) keeps its input's channel space: it ties, like a norm.
+
+    Its kernel's output axis is a ``producer`` slice of that space (a unit goes with its filter). Other
+    grouped convs tie whole groups of channels: their input and output spaces are kept whole.
+    """
+    lhs, rhs = values
+    lhs_spec, rhs_spec, out_spec = eqn.params['dimension_numbers']
+    kernel = self.kernel_of(eqn, rhs)
+    groups = eqn.params['feature_group_count']
+    size_in = eqn.invars[0].aval.shape[lhs_spec[1]]
+    size_out = eqn.outvars[0].aval.shape[out_spec[1]]
+    if not isinstance(lhs, _Label) or lhs.axis != lhs_spec[1] or lhs.repeat != 1:
+      self.fail(eqn, 'its input channels are not the traced channel axis')
+    if groups == size_in == size_out:
+      leaf_axis = kernel.axes[rhs_spec[0]]
+      if leaf_axis is None:
+        self.fail(eqn, 'its kernel is broadcast along the channels')
+      self.record(lhs.space, kernel.key, leaf_axis, 'producer', size_out)
+      self.positions.append((kernel.key[1], _positions(eqn.outvars[0].aval.shape, out_spec[1])))
+      return _Label(out_spec[1], lhs.space, 1, kernel.key[1][:-1])
+    why = f'a grouped convolution ({groups} groups) ties its channels group by group (`conv` at {self.where(eqn)})'
+    self.spaces.fix(lhs.space, why)
+    label = self.produce(kernel, rhs_spec[0], out_spec[1], size_out, eqn)
+    self.spaces.fix(label.space, why)
+    return label
 
   def dot(self, eqn, values) -> _Label:
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params['dimension_numbers']
@@ -495,16 +528,16 @@ def _eval_jaxpr(model, variables, x, apply_kwargs):
   for i, kwargs in enumerate(candidates):
     try:
       return jax.make_jaxpr(lambda v, inputs, kwargs=kwargs: model.apply(v, inputs, **kwargs))(variables, x), kwargs
-    except TypeError as e:
-      if i + 1 < len(candidates) and _takes_no_train(model, e):
-        continue
-      raise
     except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError,
             jax.errors.TracerIntegerConversionError) as e:
       raise UntraceableError(
           f'Cannot trace the model: Python control flow on an array\'s value at {_user_line(e)} '
           f'({type(e).__name__}). The unit map follows one computation for every input: use jnp.where / '
           'jax.lax.cond there, or a static (Python) value.') from None
+    except TypeError as e:
+      if i + 1 < len(candidates) and _takes_no_train(model, e):
+        continue
+      raise
   raise AssertionError('unreachable')
 
 
