@@ -330,3 +330,40 @@ def test_an_empty_user_block_and_an_empty_model_are_counted_and_removed():
 
   unit_map = structure.trace(Identity(), {}, x)
   assert structure.count(unit_map, {}) == (0, 0) and not unit_map.prunable()
+
+
+# -- 5. nnx: the optimizer helpers on the model, the structure API through nnx.bridge -------------
+
+def test_nnx_models_prune_by_order_and_go_through_the_structure_api_by_the_bridge(tmp_path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flax.nnx import bridge  # pylint: disable=g-import-not-at-top
+  import dessilbi_jax as dl  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.norm = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+      self.head = nnx.Linear(4 * 6 * 6, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.norm(self.conv(x))).reshape(x.shape[0], -1))
+
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, dl.dessilbi(0.05, mu=20.0, lambdas=0.0), wrt=nnx.Param)
+  pruned = dl.prune_by_order(model, optimizer, 0.5)
+  kernel = np.asarray(pruned['conv']['kernel'])
+  assert int(np.sum(np.abs(kernel).sum(axis=(0, 1, 2)) == 0)) == 2        # half the 4 filters zeroed
+  nnx.update(model, pruned)
+
+  linen = bridge.to_linen(Net)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 6, 6, 1)), jnp.float32)
+  variables = linen.init(jax.random.key(0), x)
+  unit_map = structure.trace(linen, variables, x)
+  keep = {'conv': np.array([True, False, True, False])}
+  small, small_vars, _ = structure.remove(linen, variables, unit_map, keep)
+  assert small_vars['params']['head']['kernel'].shape == (2 * 6 * 6, 3)
+  logits = small.apply(small_vars, x)
+  _close(logits, linen.apply(structure.zero(variables, unit_map, keep), x))
+  structure.save_compact(tmp_path / 'compact', small, small_vars, input_shape=(6, 6, 1))
+  loaded, loaded_vars = structure.load_compact(tmp_path / 'compact')
+  np.testing.assert_array_equal(loaded.apply(loaded_vars, x, train=False), logits)
