@@ -367,3 +367,25 @@ def test_nnx_models_prune_by_order_and_go_through_the_structure_api_by_the_bridg
   structure.save_compact(tmp_path / 'compact', small, small_vars, input_shape=(6, 6, 1))
   loaded, loaded_vars = structure.load_compact(tmp_path / 'compact')
   np.testing.assert_array_equal(loaded.apply(loaded_vars, x, train=False), logits)
+
+
+def test_static_channel_slices_and_splits_are_followed_and_kept_whole():
+  class Parts(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(6)(x))
+      a, b = jnp.split(h, [2], axis=-1)
+      first = nn.Dense(3)(h[..., :4])
+      return first + nn.Dense(3)(a) + nn.Dense(3)(b) + nn.Dense(3)(nn.relu(nn.Dense(5)(x)))
+
+  x = jnp.ones((2, 4))
+  model = Parts()
+  variables = model.init(jax.random.key(0), x)
+  unit_map = structure.trace(model, variables, x)
+  sliced = unit_map['Dense_0']
+  assert not sliced.prunable and 'static channel slice or split' in sliced.reason
+  readers = sorted((s.path[0], s.offset, s.size) for s in sliced.slices if s.role == 'consumer')
+  assert readers == [('Dense_1', 0, 4), ('Dense_2', 0, 2), ('Dense_3', 2, 4)]
+  keep = {'Dense_5': np.arange(5) != 1}                            # the other branch is still cut
+  small, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  _close(small.apply(small_vars, x), model.apply(structure.zero(variables, unit_map, keep), x))

@@ -264,9 +264,30 @@ class _Interpreter:
       start, limit = eqn.params['start_indices'][label.axis], eqn.params['limit_indices'][label.axis]
       strides = eqn.params.get('strides') or (1,) * len(shape_in[0])
       if (start, limit, strides[label.axis]) != (0, shape_in[0][label.axis], 1):
-        self.fail(eqn, 'it keeps only some channels')
+        if strides[label.axis] != 1 or label.repeat != 1:
+          self.fail(eqn, 'it keeps every other channel (a strided channel slice)')
+        return [self.channel_part(eqn, label, start, limit - start)]
       return [label]
+    if name == 'split' and isinstance(label, _Label):
+      if eqn.params['axis'] != label.axis:
+        return [label] * n_out
+      if label.repeat != 1:
+        self.fail(eqn, 'it splits flattened channels')
+      starts = np.cumsum([0, *eqn.params['sizes']])
+      return [self.channel_part(eqn, label, int(a), int(b - a)) for a, b in zip(starts[:-1], starts[1:])]
     self.fail(eqn, 'this op is not one the unit-map tracer knows')
+
+  def channel_part(self, eqn, label: _Label, start: int, size: int) -> _Label:
+    """Channels ``[start, start + size)`` of a space (a static slice or split): a range of it, kept whole.
+
+    Its readers are followed (their slices sit at ``offset = start``), but the bounds are written in the
+    model's code, so removing a channel would shift them: the space is not prunable.
+    """
+    space = self.spaces.new(size)
+    self.spaces.tie(space, label.space, start)
+    self.spaces.fix(label.space, f'a static channel slice or split (`{eqn.primitive.name}` at {self.where(eqn)}) '
+                                 'has its bounds in the code')
+    return dataclasses.replace(label, space=space, layer=())
 
   def fix_or_fail(self, eqn, label, why):
     self.spaces.fix(label.space, f'{why} (`{eqn.primitive.name}` at {self.where(eqn)})')
