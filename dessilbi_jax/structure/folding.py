@@ -24,7 +24,8 @@ Example::
   >>> class Net(nn.Module):
   ...   @nn.compact
   ...   def __call__(self, x):
-  ...     return nn.Dense(2)(nn.sigmoid(nn.Dense(4)(x)))
+  ...     h = nn.sigmoid(nn.Dense(4)(x))
+  ...     return nn.Dense(2)(h)
   >>> x = jnp.ones((3, 5))
   >>> variables = Net().init(jax.random.key(0), x)
   >>> unit_map = structure.trace(Net(), variables, x)

@@ -18,7 +18,8 @@ Example::
   >>> class Net(nn.Module):
   ...   @nn.compact
   ...   def __call__(self, x):
-  ...     return nn.Dense(2)(nn.relu(nn.Dense(5)(x)))
+  ...     h = nn.relu(nn.Dense(5)(x))
+  ...     return nn.Dense(2)(h)
   >>> x = jnp.ones((3, 4))
   >>> variables = Net().init(jax.random.key(0), x)
   >>> unit_map = structure.trace(Net(), variables, x)
