@@ -6,10 +6,15 @@
 * :mod:`~dessilbi_jax.structure.surgery`: :func:`remove`, :func:`zero`,
   :func:`widen`, :func:`gate` whole units (and :func:`unit_masks`,
   :func:`resolve_keep`);
+* :mod:`~dessilbi_jax.structure.folding`: the constants removed units still emit, folded
+  into their readers' biases (:class:`InexactRemovalError` where they cannot be);
+* :mod:`~dessilbi_jax.structure.resized`: :class:`Resized`, the removed network of a
+  model without a rebuild rule (the same module on narrower arrays);
 * :mod:`~dessilbi_jax.structure.count`: :func:`count`, params and MACs of the mapped network;
 * :mod:`~dessilbi_jax.structure.masks`: keep-masks from Γ's support, a ticket's
   or GMP's weight masks, gates (:func:`keep_from_support`, ...);
-* :mod:`~dessilbi_jax.structure.export`: :func:`save_compact` / :func:`load_compact`;
+* :mod:`~dessilbi_jax.structure.export`: :func:`save_compact` / :func:`load_compact` (zoo
+  models by name and widths, any other as a ``jax.export`` program);
 * :mod:`~dessilbi_jax.train.compact`: a run's compact network (its metrics, ``dessilbi compact``);
 * :mod:`~dessilbi_jax.structure.zoo`: how the zoo's models are rebuilt with new widths.
 """

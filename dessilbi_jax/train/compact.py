@@ -50,7 +50,11 @@ def compact_keep(unit_map: UnitMap, params, opt_state) -> dict[str, np.ndarray]:
 
 
 def compact(model, variables, opt_state, input_shape, *, unit_map: Optional[UnitMap] = None):
-  """``(model, variables, unit_map)`` of the compact network of this state."""
+  """``(model, variables, unit_map)`` of the compact network of this state.
+
+  :func:`~dessilbi_jax.structure.remove` with the keep-mask of :func:`compact_keep`:
+  removing dead units has that one verb; this only says which units a run's state calls dead.
+  """
   variables = dict(variables)
   if not variables.get('batch_stats'):
     variables.pop('batch_stats', None)
