@@ -21,18 +21,14 @@ Example::
 
   >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
   >>> from dessilbi_jax import structure
-  >>> class Net(nn.Module):
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     h = nn.sigmoid(nn.Dense(4)(x))
-  ...     return nn.Dense(2)(h)
+  >>> sigmoid_mlp = nn.Sequential([nn.Dense(4), nn.sigmoid, nn.Dense(2)])
   >>> x = jnp.ones((3, 5))
-  >>> variables = Net().init(jax.random.key(0), x)
-  >>> unit_map = structure.trace(Net(), variables, x)
-  >>> keep = {'Dense_0': np.array([True, False, True, True])}
-  >>> small, small_vars, _ = structure.remove(Net(), variables, unit_map, keep)
+  >>> variables = sigmoid_mlp.init(jax.random.key(0), x)
+  >>> unit_map = structure.trace(sigmoid_mlp, variables, x)
+  >>> keep = {'layers_0': np.array([True, False, True, True])}
+  >>> small, small_vars, _ = structure.remove(sigmoid_mlp, variables, unit_map, keep)
   >>> masked = structure.zero(variables, unit_map, keep)
-  >>> bool(jnp.allclose(small.apply(small_vars, x), Net().apply(masked, x), atol=1e-6))
+  >>> bool(jnp.allclose(small.apply(small_vars, x), sigmoid_mlp.apply(masked, x), atol=1e-6))
   True
 """
 
