@@ -355,6 +355,8 @@ def test_nnx_models_prune_by_order_and_go_through_the_structure_api_by_the_bridg
   assert int(np.sum(np.abs(kernel).sum(axis=(0, 1, 2)) == 0)) == 2        # half the 4 filters zeroed
   nnx.update(model, pruned)
 
+  with pytest.raises(ValueError, match=r'nnx module. Wrap its class: model = flax.nnx.bridge.to_linen\(Net'):
+    structure.trace(model, {}, jnp.ones((1, 6, 6, 1)))
   linen = bridge.to_linen(Net)
   x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 6, 6, 1)), jnp.float32)
   variables = linen.init(jax.random.key(0), x)

@@ -497,6 +497,7 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
     UntraceableError: for an op whose channels cannot be followed (named, with its source line).
   """
   from dessilbi_jax.structure import zoo  # pylint: disable=g-import-not-at-top
+  _check_linen(model)
   unknown = sorted(set(variables) - {'params', 'batch_stats'})
   if unknown:
     raise ValueError(f'trace handles the params and batch_stats collections; got also {unknown}.')
@@ -531,6 +532,19 @@ def _user_line(error: BaseException) -> str:
     return 'an unknown source line'
   frame = frames[-1]
   return f'{frame.filename}:{frame.lineno} ({frame.line})' if frame.line else f'{frame.filename}:{frame.lineno}'
+
+
+def _check_linen(model) -> None:
+  """An nnx module gets the bridge named: the unit map acts on a linen module's variables."""
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if isinstance(model, nnx.Module):
+    raise ValueError(
+        f'trace takes a linen module and its variables; {type(model).__name__} is an nnx module. Wrap its class: '
+        f'model = flax.nnx.bridge.to_linen({type(model).__name__}, *constructor_args); '
+        'variables = model.init(key, x); then trace, remove and save_compact as for linen.')
 
 
 def _takes_no_train(model, error: TypeError) -> bool:
