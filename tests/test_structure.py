@@ -540,15 +540,20 @@ def test_an_untraceable_op_is_named_with_its_source_line():
   with pytest.raises(structure.UntraceableError, match=r'Cannot follow the channels through `sort` at .*test_structure'):
     structure.trace(_Sorted(), _Sorted().init(jax.random.key(0), x), x)
   x = jnp.ones((1, 4, 4, 2))
-  with pytest.raises(structure.UntraceableError, match='grouped / depthwise'):
-    structure.trace(_Depthwise(), _Depthwise().init(jax.random.key(0), x), x)
+  unit_map = structure.trace(_Depthwise(), _Depthwise().init(jax.random.key(0), x), x)
+  assert not unit_map.prunable() and 'grouped convolution (2 groups)' in unit_map.groups[-1].reason
 
 
-def test_a_user_model_without_a_rebuild_rule_is_told_how_to_give_one():
+def test_a_user_model_without_a_rebuild_rule_is_removed_as_the_same_module_on_narrower_arrays():
   model, variables, x, unit_map = _case('residual_flatten')
   bare = structure.trace(model, variables, x)
-  with pytest.raises(ValueError, match=r'pass trace\(\.\.\., rebuild=rule\)'):
-    structure.remove(model, variables, bare, {})
+  keep = _random_keep(unit_map, seed=5)
+  ruled, ruled_vars, _ = structure.remove(model, variables, unit_map, keep)
+  small, small_vars, _ = structure.remove(model, variables, bare, keep)
+  assert isinstance(small, structure.Resized) and not isinstance(ruled, structure.Resized)
+  _assert_same_trees(small_vars, ruled_vars, 'variables')
+  np.testing.assert_array_equal(small.apply(small_vars, x), ruled.apply(ruled_vars, x))
+  assert jax.tree.map(np.shape, small.init(jax.random.key(0), x)) == jax.tree.map(np.shape, small_vars)
 
 
 def test_a_declared_correction_makes_a_group_unprunable():

@@ -225,4 +225,5 @@ def prune_by_order(params, opt_state, fraction: float, leaves: Optional[Sequence
     keep = np.ones(e.size, bool)
     keep[order[e.size - int(round(fraction * e.size)):]] = False
     pruned.append(np.where(keep.reshape(e.shape), w, 0).astype(w.dtype))
-  return jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(x) for x in pruned])
+  # An nnx model's tree holds more than its params: the result has the params' (``nnx.update(model, ...)``).
+  return jax.tree.unflatten(jax.tree.structure(_as_arrays(params)), [jnp.asarray(x) for x in pruned])

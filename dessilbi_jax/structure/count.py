@@ -37,7 +37,7 @@ def count(unit_map: UnitMap, variables, keep: Optional[surgery.Keep] = None, *, 
   dead = surgery._dead_layers(unit_map, resolved)  # pylint: disable=protected-access
   plan = surgery._leaf_plan(unit_map, surgery._sources_of(unit_map, resolved))  # pylint: disable=protected-access
   sizes = {}
-  for path, leaf in surgery._paths(variables['params']).items():  # pylint: disable=protected-access
+  for path, leaf in surgery._paths(variables.get('params', {})).items():  # pylint: disable=protected-access
     shape = list(np.shape(leaf))
     for axis, (index, s) in plan.get(('params', path), {}).items():
       shape[axis] = 0 if (s.role in ('bias', 'norm') and s.layer in dead) else len(index)

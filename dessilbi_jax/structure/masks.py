@@ -2,13 +2,16 @@
 
 A unit is kept while
 
-* some producer kernel of its group keeps a weight of it (a filter in Γ's
-  support; a dense neuron with any of its fan-in in the lasso support) - for a
-  residual stream, the union over every tensor summed into it; and
-* every consumer kernel that carries a mask does not drop all its weights
-  (a unit whose outputs nobody reads is gone too).
+* some live producer kernel of its group keeps a weight of it (a filter in
+  Γ's support; a dense neuron with any of its fan-in in the lasso support) -
+  for a residual stream, the union over every tensor summed into it; and
+* some live consumer kernel reads it through a kept weight (a unit is dead
+  only when *no* layer reads it; one head reading nothing of a layer another
+  head reads keeps the layer).
 
-Kernels without a mask (``None``: no structure variable) say nothing. Masks
+A layer is live while some unit of its inputs (producers) or of its outputs
+(consumers) is: the rule is solved as a fixed point. Kernels without a mask
+(``None``: no structure variable) mark every weight. Masks
 are weight-shaped (booleans or 0/1) or per-group shaped to broadcast against
 the weight, like ``dl.support`` or a ticket's masks.
 
@@ -51,31 +54,60 @@ def _units_marked(mask, s) -> np.ndarray:
 def keep_from_weights(unit_map: UnitMap, weight_masks, *, producers_only: bool = False) -> dict[str, np.ndarray]:
   """Keep-masks of every prunable group from params-shaped weight masks (``None`` leaves: no mask).
 
-  A unit is kept when a producer weight of it is marked and every consumer
-  reads it through a marked weight; ``producers_only`` asks the first alone
-  (growth's support rate: the filters with Γ_f ≠ 0).
+  A unit is dead only when no live layer produces it or no live layer reads it:
+
+      alive(u) = [∃ producer p: p marks a weight of u  and  some input unit of p is alive]
+               ∧ [∃ consumer c: c marks a weight of u  and  some output unit of c is alive]
+
+  solved as a fixed point from "all alive" (a layer whose inputs all died
+  emits only constants; one whose outputs all died reads nothing). A kernel
+  without a mask marks every weight; a group without producers or consumers,
+  or a unit outside every consumer's range, is not cut by that side.
+  ``producers_only`` asks the first condition alone (growth's support rate:
+  the filters with Γ_f ≠ 0).
   """
   masks = surgery._paths(weight_masks)  # pylint: disable=protected-access
-  keep = {}
-  for group in unit_map.prunable():
-    produced, read = None, np.ones(group.size, bool)
-    for s in group.slices:
-      mask = masks.get(s.path)
-      if s.collection != 'params' or mask is None or s.role not in ('producer', 'consumer'):
+  by_kernel: dict[tuple, dict[str, list]] = {}
+  marks: dict[tuple[str, int], np.ndarray] = {}
+  for group in unit_map.groups:
+    for i, s in enumerate(group.slices):
+      if s.collection != 'params' or s.role not in ('producer', 'consumer'):
         continue
-      if producers_only and s.role != 'producer':
-        continue
+      by_kernel.setdefault(s.path, {'producer': [], 'consumer': []})[s.role].append((group.name, s))
       marked = np.zeros(group.size, bool)
-      marked[s.offset:s.offset + s.size] = _units_marked(mask, s)
-      if s.role == 'producer':
-        produced = marked if produced is None else produced | marked
-      else:
-        # A consumer that reads only part of the group (option-A stages) says nothing of the rest.
-        outside = np.ones(group.size, bool)
-        outside[s.offset:s.offset + s.size] = False
-        read &= marked | outside
-    keep[group.name] = (np.ones(group.size, bool) if produced is None else produced) & read
-  return keep
+      mask = masks.get(s.path)
+      marked[s.offset:s.offset + s.size] = True if mask is None else _units_marked(mask, s)
+      marks[(group.name, i)] = marked
+  alive = {g.name: np.ones(g.size, bool) for g in unit_map.groups}
+
+  def any_alive(path, role) -> bool:
+    ends = by_kernel[path]['consumer' if role == 'producer' else 'producer']  # a producer's inputs, a consumer's outputs
+    return not ends or any(alive[name][s.offset:s.offset + s.size].any() for name, s in ends)
+
+  for _ in range(len(unit_map.groups) + 1):
+    changed = False
+    for group in unit_map.prunable():
+      produced = np.zeros(group.size, bool)
+      read = np.zeros(group.size, bool)
+      has_producer = covered = None
+      for i, s in enumerate(group.slices):
+        if (group.name, i) not in marks or (producers_only and s.role == 'consumer'):
+          continue
+        live = marks[(group.name, i)] & any_alive(s.path, s.role)
+        if s.role == 'producer':
+          has_producer = True
+          produced |= live
+        else:
+          covered = np.zeros(group.size, bool) if covered is None else covered
+          covered[s.offset:s.offset + s.size] = True
+          read |= live
+      keep = (produced if has_producer else np.ones(group.size, bool))
+      keep = keep & (read | ~covered if covered is not None else True)
+      if not np.array_equal(keep, alive[group.name]):
+        alive[group.name], changed = keep, True
+    if not changed:
+      break
+  return {g.name: alive[g.name] for g in unit_map.prunable()}
 
 
 def keep_from_support(unit_map: UnitMap, opt_state, *, producers_only: bool = False) -> dict[str, np.ndarray]:

@@ -8,7 +8,9 @@ All of them take a network's ``variables`` (``{'params': ..., 'batch_stats':
   rebuilds the model with the new widths;
 * :func:`zero` sets the same units to zero as a whole (kernel, bias,
   normalization scale and bias), so that the masked network computes what the
-  removed one computes (``unit_masks`` gives the masks);
+  removed one computes (``unit_masks`` gives the masks); a model without a
+  rebuild rule (outside the zoo) comes back as a
+  :class:`~dessilbi_jax.structure.resized.Resized` module;
 * :func:`widen` appends units: new producer slices from the layer's
   initializer, new consumer slices zero (the function is unchanged), new
   normalization channels scale 1, bias 0, mean 0, var 1, new optimizer state 0
@@ -51,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dessilbi_jax.structure import folding
+from dessilbi_jax.structure import resized
 from dessilbi_jax.structure.unit_map import Slice, UnitGroup, UnitMap, new_extent
 
 Keep = Mapping[str, Any]
@@ -107,7 +111,7 @@ def resolve_keep(unit_map: UnitMap, keep: Keep, *, cut_streams: bool = True, rou
         resolved[g.name][:] = False  # the block becomes the identity
   for group in unit_map.prunable():
     mask = resolved[group.name]
-    if group.block is None and not mask.any():
+    if group.block is None and group.size and not mask.any():  # a width-0 layer stays empty
       warnings.warn(f'Unit group {group.name!r} would lose all its {group.size} units; keeping its first unit '
                     '(only a residual block can vanish).', stacklevel=3)
       mask[0] = True
@@ -195,6 +199,37 @@ def _rebuilt(model, unit_map: UnitMap, sources, what: str):
   model = unit_map.rebuild(model, unit_map, sources)
   x = jax.ShapeDtypeStruct((1, *unit_map.input_shape), jnp.float32)
   return model, x
+
+
+def _sliced(variables, plan):
+  """Every leaf of ``variables`` re-indexed along the axes ``plan`` cuts."""
+  out = {}
+  for collection in variables:
+    values = {}
+    for path, leaf in _paths(variables[collection]).items():
+      cuts = {axis: index for axis, (index, _) in plan.get((collection, path), {}).items()}
+      values[path] = _regather(leaf, cuts, np.shape(leaf)) if cuts else leaf
+    out[collection] = _unflatten_like(variables[collection], values)
+  return out
+
+
+def _resized(model, variables, unit_map: UnitMap, plan):
+  """The model without a rebuild rule: the same module on the sliced arrays (:mod:`.resized`)."""
+  if not unit_map.input_shape:
+    raise ValueError('remove needs the unit map\'s input_shape (one example\'s shape).')
+  kwargs = unit_map.eval_kwargs
+  new_model = resized.Resized(model, lambda v: _sliced(dict(v), plan), kwargs)
+  new_vars = _sliced(dict(variables), plan)
+  x = jax.ShapeDtypeStruct((1, *unit_map.input_shape), jnp.float32)
+  try:
+    jax.eval_shape(lambda v, inputs: new_model.apply(v, inputs, **kwargs), new_vars, x)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f'remove: {type(model).__name__} does not run on its narrower arrays ({type(e).__name__}: '
+        f'{str(e).splitlines()[0][:300]}); its code fixes a width the unit map cuts. Pass '
+        'trace(..., rebuild=rule) (rule(model, unit_map, sources) -> flax module), or mark that group '
+        'unprunable with UnitMap.replace(name, prunable=False).') from None
+  return new_model, new_vars
 
 
 def _new_variables(variables, template, plan, fills=None, what='remove'):
@@ -289,10 +324,17 @@ def remove(model, variables, unit_map: UnitMap, keep: Keep, opt_state=None, *, c
   """
   resolved = resolve_keep(unit_map, keep, cut_streams=cut_streams, round_to=round_to)
   sources = _sources_of(unit_map, resolved)
-  new_model, x = _rebuilt(model, unit_map, sources, 'remove')
-  template = jax.eval_shape(new_model.init, jax.random.key(0), x)
   plan = _leaf_plan(unit_map, sources)
-  new_vars = _new_variables(variables, template, plan)
+  if unit_map.input_shape and any(not m.all() for m in resolved.values()):
+    # What the removed units still emit (sigmoid(0), softplus(0), ...) moves into their readers' biases.
+    masked = jax.tree.map(_masked, variables, unit_masks(variables, unit_map, resolved))
+    variables = folding.fold(model, variables, masked, unit_map, resolved, _dead_layers(unit_map, resolved))
+  if unit_map.rebuild is None:
+    new_model, new_vars = _resized(model, variables, unit_map, plan)
+  else:
+    new_model, x = _rebuilt(model, unit_map, sources, 'remove')
+    template = jax.eval_shape(new_model.init, jax.random.key(0), x)
+    new_vars = _new_variables(variables, template, plan)
   new_state = None if opt_state is None else _regathered_state(opt_state, variables, new_vars, plan)
   return new_model, new_vars, new_state
 

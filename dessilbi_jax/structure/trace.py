@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import traceback
 from collections.abc import Callable
 from typing import Optional
 
@@ -122,6 +123,11 @@ class _Spaces:
   def fix(self, s: int, reason: str) -> None:
     root, _ = self.find(s)
     self.fixed[root] = self.fixed[root] or reason
+
+
+def _positions(out_shape, channel_axis: int) -> int:
+  """Output positions of one example: every axis but the batch (0) and the channels (0 channels allowed)."""
+  return math.prod(n for i, n in enumerate(out_shape) if i not in (0, channel_axis))
 
 
 def _summary(eqn) -> str:
@@ -258,9 +264,30 @@ class _Interpreter:
       start, limit = eqn.params['start_indices'][label.axis], eqn.params['limit_indices'][label.axis]
       strides = eqn.params.get('strides') or (1,) * len(shape_in[0])
       if (start, limit, strides[label.axis]) != (0, shape_in[0][label.axis], 1):
-        self.fail(eqn, 'it keeps only some channels')
+        if strides[label.axis] != 1 or label.repeat != 1:
+          self.fail(eqn, 'it keeps every other channel (a strided channel slice)')
+        return [self.channel_part(eqn, label, start, limit - start)]
       return [label]
+    if name == 'split' and isinstance(label, _Label):
+      if eqn.params['axis'] != label.axis:
+        return [label] * n_out
+      if label.repeat != 1:
+        self.fail(eqn, 'it splits flattened channels')
+      starts = np.cumsum([0, *eqn.params['sizes']])
+      return [self.channel_part(eqn, label, int(a), int(b - a)) for a, b in zip(starts[:-1], starts[1:])]
     self.fail(eqn, 'this op is not one the unit-map tracer knows')
+
+  def channel_part(self, eqn, label: _Label, start: int, size: int) -> _Label:
+    """Channels ``[start, start + size)`` of a space (a static slice or split): a range of it, kept whole.
+
+    Its readers are followed (their slices sit at ``offset = start``), but the bounds are written in the
+    model's code, so removing a channel would shift them: the space is not prunable.
+    """
+    space = self.spaces.new(size)
+    self.spaces.tie(space, label.space, start)
+    self.spaces.fix(label.space, f'a static channel slice or split (`{eqn.primitive.name}` at {self.where(eqn)}) '
+                                 'has its bounds in the code')
+    return dataclasses.replace(label, space=space, layer=())
 
   def fix_or_fail(self, eqn, label, why):
     self.spaces.fix(label.space, f'{why} (`{eqn.primitive.name}` at {self.where(eqn)})')
@@ -290,16 +317,17 @@ class _Interpreter:
       self.fail(eqn, 'its kernel is broadcast along the output channels')
     space = self.spaces.new(size)
     self.record(space, kernel.key, leaf_axis, 'producer', size)
-    out_shape = eqn.outvars[0].aval.shape
-    self.positions.append((kernel.key[1], math.prod(out_shape) // out_shape[0] // size))
+    self.positions.append((kernel.key[1], _positions(eqn.outvars[0].aval.shape, out_axis)))
     return _Label(out_axis, space, 1, kernel.key[1][:-1])
 
   def conv(self, eqn, values) -> _Label:
     lhs, rhs = values
     if isinstance(lhs, list) or not isinstance(rhs, list):
       self.fail(eqn, 'the kernel must be a variable and the input an activation')
-    if eqn.params['feature_group_count'] != 1 or eqn.params['batch_group_count'] != 1:
-      self.fail(eqn, 'grouped / depthwise convolutions tie input and output channels')
+    if eqn.params['batch_group_count'] != 1:
+      self.fail(eqn, 'a batch-grouped convolution mixes the batch into the channels')
+    if eqn.params['feature_group_count'] != 1:
+      return self.grouped_conv(eqn, values)
     lhs_spec, rhs_spec, out_spec = eqn.params['dimension_numbers']
     kernel = self.kernel_of(eqn, rhs)
     if lhs is not None:
@@ -307,6 +335,33 @@ class _Interpreter:
         self.fail(eqn, 'its input channels are not the traced channel axis')
       self.consume(lhs, kernel, rhs_spec[1], eqn, eqn.invars[0].aval.shape[lhs_spec[1]])
     return self.produce(kernel, rhs_spec[0], out_spec[1], eqn.outvars[0].aval.shape[out_spec[1]], eqn)
+
+  def grouped_conv(self, eqn, values) -> _Label:
+    """A depthwise conv (one filter per channel) keeps its input's channel space: it ties, like a norm.
+
+    Its kernel's output axis is a ``producer`` slice of that space (a unit goes with its filter). Other
+    grouped convs tie whole groups of channels: their input and output spaces are kept whole.
+    """
+    lhs, rhs = values
+    lhs_spec, rhs_spec, out_spec = eqn.params['dimension_numbers']
+    kernel = self.kernel_of(eqn, rhs)
+    groups = eqn.params['feature_group_count']
+    size_in = eqn.invars[0].aval.shape[lhs_spec[1]]
+    size_out = eqn.outvars[0].aval.shape[out_spec[1]]
+    if not isinstance(lhs, _Label) or lhs.axis != lhs_spec[1] or lhs.repeat != 1:
+      self.fail(eqn, 'its input channels are not the traced channel axis')
+    if groups == size_in == size_out:
+      leaf_axis = kernel.axes[rhs_spec[0]]
+      if leaf_axis is None:
+        self.fail(eqn, 'its kernel is broadcast along the channels')
+      self.record(lhs.space, kernel.key, leaf_axis, 'producer', size_out)
+      self.positions.append((kernel.key[1], _positions(eqn.outvars[0].aval.shape, out_spec[1])))
+      return _Label(out_spec[1], lhs.space, 1, kernel.key[1][:-1])
+    why = f'a grouped convolution ({groups} groups) ties its channels group by group (`conv` at {self.where(eqn)})'
+    self.spaces.fix(lhs.space, why)
+    label = self.produce(kernel, rhs_spec[0], out_spec[1], size_out, eqn)
+    self.spaces.fix(label.space, why)
+    return label
 
   def dot(self, eqn, values) -> _Label:
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params['dimension_numbers']
@@ -432,7 +487,8 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
       rebuilds the model with new widths
       (:data:`~dessilbi_jax.structure.unit_map.RebuildRule`); default: the
       zoo's rule for the zoo's models, none for others.
-    apply_kwargs: keyword arguments of ``model.apply`` (default ``{'train': False}``).
+    apply_kwargs: keyword arguments of ``model.apply`` (default ``{'train': False}``,
+      or none for a module whose ``__call__`` takes no ``train``, e.g. ``nn.Sequential``).
 
   Returns:
     A :class:`~dessilbi_jax.structure.unit_map.UnitMap`.
@@ -441,11 +497,11 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
     UntraceableError: for an op whose channels cannot be followed (named, with its source line).
   """
   from dessilbi_jax.structure import zoo  # pylint: disable=g-import-not-at-top
+  _check_linen(model)
   unknown = sorted(set(variables) - {'params', 'batch_stats'})
   if unknown:
     raise ValueError(f'trace handles the params and batch_stats collections; got also {unknown}.')
-  kwargs = {'train': False} if apply_kwargs is None else apply_kwargs
-  closed = jax.make_jaxpr(lambda v, inputs: model.apply(v, inputs, **kwargs))(variables, x)
+  closed, kwargs = _eval_jaxpr(model, variables, x, apply_kwargs)
   jaxpr = closed.jaxpr
   keys = _flat_keys(variables)
   normalized = {path[:-1] for collection, path in keys if collection == 'batch_stats'}
@@ -460,8 +516,64 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
       interp.spaces.fix(out.space, 'the network\'s outputs (the classifier\'s logits are never units)')
   unit_map = _groups(interp)
   rule = rebuild if rebuild is not None else zoo.rebuild_rule(model)
-  unit_map = dataclasses.replace(unit_map, rebuild=rule, input_shape=tuple(x_shape[1:]))
+  unit_map = dataclasses.replace(unit_map, rebuild=rule, input_shape=tuple(x_shape[1:]),
+                                 apply_kwargs=tuple(sorted(kwargs.items())))
   return zoo.annotate(model, unit_map)
+
+
+_LIBRARIES = ('/jax/', '/jaxlib/', '/flax/', '/dessilbi_jax/', '/contextlib.py', '/functools.py')
+
+
+def _user_line(error: BaseException) -> str:
+  """The innermost frame of the traceback outside JAX, Flax and this library: the user's line."""
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not any(part in f.filename.replace('\\', '/') for part in _LIBRARIES)]
+  if not frames:
+    return 'an unknown source line'
+  frame = frames[-1]
+  return f'{frame.filename}:{frame.lineno} ({frame.line})' if frame.line else f'{frame.filename}:{frame.lineno}'
+
+
+def _check_linen(model) -> None:
+  """An nnx module gets the bridge named: the unit map acts on a linen module's variables."""
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if isinstance(model, nnx.Module):
+    raise ValueError(
+        f'trace takes a linen module and its variables; {type(model).__name__} is an nnx module. Wrap its class: '
+        f'model = flax.nnx.bridge.to_linen({type(model).__name__}, *constructor_args); '
+        'variables = model.init(key, x); then trace, remove and save_compact as for linen.')
+
+
+def _takes_no_train(model, error: TypeError) -> bool:
+  return "'train'" in str(error) and 'keyword' in str(error)
+
+
+def _eval_jaxpr(model, variables, x, apply_kwargs):
+  """``(jaxpr of model.apply in eval mode, the keyword arguments used)``.
+
+  Without ``apply_kwargs``: ``train=False``, or none where the module takes
+  no ``train`` (``nn.Sequential`` passes it on to its first layer). Python
+  control flow on an array's value cannot be traced: an :class:`UntraceableError`
+  names the user's line.
+  """
+  candidates = [apply_kwargs] if apply_kwargs is not None else [{'train': False}, {}]
+  for i, kwargs in enumerate(candidates):
+    try:
+      return jax.make_jaxpr(lambda v, inputs, kwargs=kwargs: model.apply(v, inputs, **kwargs))(variables, x), kwargs
+    except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError,
+            jax.errors.TracerIntegerConversionError) as e:
+      raise UntraceableError(
+          f'Cannot trace the model: Python control flow on an array\'s value at {_user_line(e)} '
+          f'({type(e).__name__}). The unit map follows one computation for every input: use jnp.where / '
+          'jax.lax.cond there, or a static (Python) value.') from None
+    except TypeError as e:
+      if i + 1 < len(candidates) and _takes_no_train(model, e):
+        continue
+      raise
+  raise AssertionError('unreachable')
 
 
 def _groups(interp: _Interpreter) -> UnitMap:

@@ -141,11 +141,19 @@ class UnitMap:
       example (1 for a dense layer on a vector): multiply-accumulates are
       positions times kernel entries.
     input_shape: the shape of one example the map was traced with (no batch axis).
+    apply_kwargs: the keyword arguments of ``model.apply`` it was traced with,
+      as ``((name, value), ...)``; ``None``: ``train=False``.
   """
   groups: tuple[UnitGroup, ...]
   rebuild: Optional[RebuildRule] = None
   positions: tuple[tuple[tuple[str, ...], int], ...] = ()
   input_shape: tuple[int, ...] = ()
+  apply_kwargs: Optional[tuple[tuple[str, Any], ...]] = None
+
+  @property
+  def eval_kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of ``model.apply`` in eval mode."""
+    return {'train': False} if self.apply_kwargs is None else dict(self.apply_kwargs)
 
   def __post_init__(self):
     names = [g.name for g in self.groups]

@@ -37,7 +37,11 @@ from dessilbi_jax.train.run_dir import load_config
 
 
 def compact(model, variables, opt_state, input_shape, *, unit_map: Optional[UnitMap] = None):
-  """``(model, variables, unit_map)`` of the compact network of this state."""
+  """``(model, variables, unit_map)`` of the compact network of this state.
+
+  :func:`~dessilbi_jax.structure.remove` with the keep-mask of :func:`compact_keep`:
+  removing dead units has that one verb; this only says which units a run's state calls dead.
+  """
   variables = dict(variables)
   if not variables.get('batch_stats'):
     variables.pop('batch_stats', None)
