@@ -109,13 +109,18 @@ def test_a_macs_target_per_layer_through_the_extension():
   result = train.fit(cfg, quiet=True, extensions=[ext])
   row, extra = result.history[-1], result.state.extra['l0']
   assert sorted(row['multipliers']) == ['Dense_0', 'Dense_1', 'Dense_2']
-  assert all(v >= 0 for v in row['multipliers'].values()) and row['multiplier_max'] > 0   # violated at first
+  assert all(v >= 0 for v in row['multipliers'].values())
   probs = {n: l0.prob_active(a) for n, a in extra['log_alpha'].items()}
   variables = {'params': result.params}
   model, info = train.build_model(cfg)
   unit_map = structure.trace(model, variables, jnp.zeros((1, *info.input_shape)))
   layers = unit_gates.expected_size(unit_map, variables, probs)['layers']
   assert row['layer_densities'] == pytest.approx({k: float(v) for k, v in layers.items()}, rel=1e-5)
+  # From about 90 % at the start every layer came down to μ = 20 % within the epoch (measured: 10 / 1 / 11 %);
+  # the middle layer's fraction is the product of its neighbours' (mean P(in on) · mean P(out on)).
+  layer = row['layer_densities']
+  assert all(v <= 0.22 for v in layer.values()), layer
+  assert layer['Dense_1'] == pytest.approx(layer['Dense_0'] * layer['Dense_2'], rel=1e-4)
   with pytest.raises(ValueError, match='Give one of'):
     l0_gates.l0_extension(cfg, target_macs=0.2)   # and cfg's target density: both at once
 
