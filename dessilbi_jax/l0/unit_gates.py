@@ -223,6 +223,9 @@ def expected_size(unit_map: structure.UnitMap, variables: Any, probs: Mapping[st
     >>> size = unit_gates.expected_size(unit_map, variables, {'Dense_0': jnp.array([1.0, 0.0, 0.5])})
     >>> round(float(size['density']), 3), round(float(size['macs']), 3)   # (4 + 10)·1.5 / (4 + 10)·3
     (0.5, 0.5)
+    >>> g = unit_gates.size_constraint(unit_map, variables, target_macs=0.25, scope='layer')   # one neuron on
+    >>> {k: round(float(v), 2) for k, v in g({'Dense_0': jnp.array([50.0, -50.0, -50.0])}).items()}
+    {'Dense_0': 0.08, 'Dense_1': 0.08}
   """
   sizes = [(k, expected_entries(k, probs), math.prod(k.shape)) for k in kernels(unit_map, variables)]
   return dict(density=sum(e for _, e, _ in sizes) / sum(n for _, _, n in sizes),
@@ -245,17 +248,7 @@ def size_constraint(unit_map: structure.UnitMap, variables: Any, *, target_densi
       kernel, ``{kernel: E_k/N_k − target}`` (a layer's MACs and entries
       shrink together, so both targets mean the same there).
 
-  Example::
-
-    >>> import jax, jax.numpy as jnp
-    >>> from dessilbi_jax import models, structure
-    >>> from dessilbi_jax.l0 import unit_gates
-    >>> model = models.get_model('mlp', 10, (4,), widths=(3,))
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
-    >>> unit_map = structure.trace(model, variables, jnp.zeros((1, 4)))
-    >>> g = unit_gates.size_constraint(unit_map, variables, target_macs=0.25, scope='layer')
-    >>> {k: round(float(v), 2) for k, v in g({'Dense_0': jnp.array([50.0, -50.0, -50.0])}).items()}
-    {'Dense_0': 0.08, 'Dense_1': 0.08}
+  Example: :func:`expected_size`'s.
   """
   if (target_density is None) == (target_macs is None):
     raise ValueError('Give one of `target_density` and `target_macs` (the fraction of kernel entries or of '
