@@ -23,7 +23,6 @@ MOVED = {
     'dessilbi_jax.constraints': 'dessilbi_jax.l0.constraints',
     'dessilbi_jax.weight_gates': 'dessilbi_jax.l0.weight_gates',
     'dessilbi_jax.unit_gates': 'dessilbi_jax.l0.unit_gates',
-    'dessilbi_jax.l0_training': 'dessilbi_jax.l0.training',
     'dessilbi_jax.checkpoint': 'dessilbi_jax.train.checkpoint',
     'dessilbi_jax.plots': 'dessilbi_jax.train.plots',
     'dessilbi_jax.structure.compact': 'dessilbi_jax.train.compact',

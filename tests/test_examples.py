@@ -41,3 +41,14 @@ def test_paper_settings_are_valid_configs():
 @pytest.mark.parametrize('name', ['ticket_digits'])
 def test_example_imports(name):
   assert callable(_load(name).main)
+
+
+@pytest.mark.parametrize('scope', ['model', 'layer'])
+def test_l0_weight_gates_land_within_a_point_of_the_target(scope, tmp_path, capsys):
+  """The standalone L0 loop: its expected density ends within a point of 30 %, and the net still classifies."""
+  result = _load('l0_weight_gates').main(steps=400, scope=scope, data_dir=str(tmp_path))
+  densities = [result['model_density']] if scope == 'model' else list(result['layer_densities'].values())
+  for density in densities:   # measured (seed 0): see the test's output
+    assert abs(density - 0.3) <= 0.01
+  assert result['test_acc'] > 0.85
+  assert 'expected density' in capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 from dessilbi_jax import l0
 
 # log_α across the clamp range and beyond it; 0 is the symmetric case.
-LOG_ALPHAS = np.array([-6.0, -l0.LOG_ALPHA_BOUND, -1.6, -0.5, 0.0, 0.85, 2.0, l0.LOG_ALPHA_BOUND, 6.0],
+LOG_ALPHAS = np.array([-10.0, l0.LOG_ALPHA_MIN, -1.6, -0.5, 0.0, 0.85, 2.0, l0.LOG_ALPHA_MAX, 6.0],
                       np.float32)
 
 
@@ -34,8 +34,8 @@ def test_median_is_the_gate_at_half():
   np.testing.assert_allclose(l0.median_gates(jnp.asarray(LOG_ALPHAS)), np_gate(0.5, LOG_ALPHAS), atol=1e-6)
   assert float(l0.median_gates(jnp.float32(0.0))) == pytest.approx(0.5)
   # The median is fractional only in a band of log_α; the clamp keeps that band reachable.
-  assert float(l0.median_gates(jnp.float32(-l0.LOG_ALPHA_BOUND))) == 0.0
-  assert float(l0.median_gates(jnp.float32(l0.LOG_ALPHA_BOUND))) == 1.0
+  assert float(l0.median_gates(jnp.float32(l0.LOG_ALPHA_MIN))) == 0.0
+  assert float(l0.median_gates(jnp.float32(l0.LOG_ALPHA_MAX))) == 1.0
 
 
 def test_sample_gates_matches_numpy_transcription():
@@ -76,9 +76,31 @@ def test_monte_carlo_mean_and_zero_mass():
 def test_clamp():
   tree = {'a': jnp.array([-10.0, -1.0, 0.0, 4.0, 10.0]), 'b': jnp.array([jnp.inf, -jnp.inf])}
   clamped = l0.clamp_log_alpha(tree)
-  bound = math.log(100.0)
-  np.testing.assert_allclose(clamped['a'], [-bound, -1.0, 0.0, 4.0, bound], rtol=1e-6)
-  np.testing.assert_allclose(clamped['b'], [bound, -bound], rtol=1e-6)
+  low, high = math.log(1e-4), math.log(100.0)
+  np.testing.assert_allclose(clamped['a'], [low, -1.0, 0.0, 4.0, high], rtol=1e-6)
+  np.testing.assert_allclose(clamped['b'], [high, low], rtol=1e-6)
+  # At the lower end a gate is shut for good: no floor under the expected density (the seed paper's
+  # log 1e-2 left P(z ≠ 0) = 4.7 %); at the upper end its median is 1.
+  assert float(l0.prob_active(jnp.float32(low))) < 1e-3
+  assert float(l0.median_gates(jnp.float32(high))) == 1.0
+
+
+def test_clamped_optimizer_is_the_clamp_after_the_step():
+  """l0.clamped(tx): the same step as tx, then clamp_log_alpha; in range, exactly tx's."""
+  import optax
+  tx = l0.clamped(optax.sgd(2.0, momentum=0.5))
+  inner = optax.sgd(2.0, momentum=0.5)
+  log_alpha = jnp.array([-9.0, 0.0, 4.0, 1.0])
+  state, inner_state, raw = tx.init(log_alpha), inner.init(log_alpha), log_alpha
+  for g in (jnp.array([3.0, 0.5, -2.0, 0.1]), jnp.array([1.0, -0.5, -2.0, 0.2])):
+    updates, state = tx.update(g, state, log_alpha)
+    log_alpha = optax.apply_updates(log_alpha, updates)
+    inner_updates, inner_state = inner.update(g, inner_state, raw)
+    raw = l0.clamp_log_alpha(optax.apply_updates(raw, inner_updates))
+    np.testing.assert_allclose(log_alpha, raw, rtol=1e-6)
+  assert float(log_alpha[0]) == pytest.approx(math.log(1e-4)) and float(log_alpha[2]) == pytest.approx(math.log(100))
+  with pytest.raises(ValueError, match='params=log_alpha'):
+    tx.update(g, state)
 
 
 def test_init_log_alpha():
@@ -170,15 +192,14 @@ def test_density_constraint_rejects_bad_scope_and_no_gates():
 
 
 def test_penalized_objective_gradient():
-  """Fixed multipliers give loss + λ·density: ∂/∂log_α_g = ∂loss + λ·P_g(1 − P_g)·|g|/N."""
+  """A fixed multiplier gives loss + λ·density: ∂/∂log_α_g = ∂loss + λ·P_g(1 − P_g)·|g|/N."""
   from dessilbi_jax.l0 import constraints
   log_alphas = {'Dense_0': jnp.array([-1.0, 0.0, 2.0])}
   sizes = {'Dense_0': 4}
   penalty = 0.3
-  dual = constraints.fixed_multipliers(penalty)
   constraint_fn = l0.density_constraint(sizes, 1.0, scope='model')
   objective = constraints.lagrangian(lambda a: jnp.sum(a['Dense_0'] ** 2), constraint_fn)
-  grads, _ = jax.grad(objective, has_aux=True)(log_alphas, dual.init(constraint_fn(log_alphas)).multipliers)
+  grads, _ = jax.grad(objective, has_aux=True)(log_alphas, jnp.float32(penalty))
   p = np.asarray(l0.prob_active(log_alphas['Dense_0']))
   np.testing.assert_allclose(grads['Dense_0'], 2 * np.array([-1.0, 0.0, 2.0]) + penalty * p * (1 - p) * 4 / 12,
                              rtol=1e-5)

@@ -116,28 +116,104 @@ def test_purged_network_equals_gated_network_at_test_time(resnet, name):
   assert kept < sum(unit_map[n].size for n in names)
 
 
-def test_group_sizes_and_expected_density_hand_count():
-  # LeNet-5 (widths 4, 8, 16, 16) on 8x8 inputs: one unit of a conv owns a 5x5 filter over its
-  # inputs, one dense neuron a column of the kernel.
+def _mlp(widths=(3, 2), inputs=4, classes=5):
+  model = models.get_model('mlp', classes, (inputs,), widths=widths)
+  x = jnp.zeros((1, inputs))
+  variables = _variables(model, x)
+  return model, variables, structure.trace(model, variables, x)
+
+
+def test_expected_size_by_brute_force_enumeration():
+  """E[density], E[MACs] and per-layer fractions of an MLP 4-3-2-5 against all 2⁵ on/off patterns of its units."""
+  import itertools
+  _, variables, unit_map = _mlp()
+  p = {'Dense_0': np.array([0.9, 0.2, 0.6]), 'Dense_1': np.array([0.3, 0.7])}
+  size = unit_gates.expected_size(unit_map, variables, {k: jnp.asarray(v, jnp.float32) for k, v in p.items()})
+  widths = lambda on0, on1: [4, sum(on0), sum(on1), 5]
+  dense = [4 * 3, 3 * 2, 2 * 5]
+  exp_layers, exp_total = np.zeros(3), 0.0
+  for bits in itertools.product([0, 1], repeat=5):
+    on0, on1 = bits[:3], bits[3:]
+    prob = np.prod([q if b else 1 - q for q, b in zip(np.concatenate([p['Dense_0'], p['Dense_1']]), bits)])
+    w = widths(on0, on1)
+    entries = np.array([w[0] * w[1], w[1] * w[2], w[2] * w[3]])   # a dense layer on a vector: MACs = entries
+    exp_layers += prob * entries
+    exp_total += prob * entries.sum()
+  assert float(size['density']) == pytest.approx(exp_total / sum(dense), rel=1e-5)
+  assert float(size['macs']) == pytest.approx(exp_total / sum(dense), rel=1e-5)
+  for name, e, n in zip(('Dense_0', 'Dense_1', 'Dense_2'), exp_layers, dense):
+    assert float(size['layers'][name]) == pytest.approx(e / n, rel=1e-5)
+
+
+def test_expected_size_of_masks_is_the_count_of_the_removed_network():
+  """0/1 probabilities: exactly the unit map's count of kernel MACs, and the kernels of the removed LeNet."""
   model = models.get_model('lenet5', 10, (8, 8, 1), widths=(4, 8, 16, 16))
   x = jnp.zeros((1, 8, 8, 1))
   variables = _variables(model, x)
   unit_map = structure.trace(model, variables, x)
-  names = unit_gates.gated_groups(unit_map)
-  assert names == ('Conv_0', 'Conv_1', 'Dense_0', 'Dense_1')
-  params = variables['params']
-  dense_in = params['Dense_0']['kernel'].shape[0]
-  sizes = unit_gates.group_sizes(variables, unit_map, names)
-  assert sizes == {'Conv_0': 5 * 5 * 1, 'Conv_1': 5 * 5 * 4, 'Dense_0': dense_in, 'Dense_1': 16}
-  # Shut half of Conv_1's filters and every Dense_1 neuron; the rest open.
-  log_alphas = {n: jnp.full((unit_map[n].size,), 30.0) for n in names}
-  log_alphas['Conv_1'] = log_alphas['Conv_1'].at[:4].set(-30.0)
-  log_alphas['Dense_1'] = jnp.full((16,), -30.0)
-  layer = l0.layer_densities(log_alphas, sizes)
-  assert float(layer['Conv_1']) == pytest.approx(0.5) and float(layer['Dense_1']) == pytest.approx(0.0)
-  total = 4 * 25 + 8 * 100 + 16 * dense_in + 16 * 16
-  assert float(l0.model_density(log_alphas, sizes)) == pytest.approx(
-      (4 * 25 + 4 * 100 + 16 * dense_in) / total, rel=1e-6)
+  rng = np.random.default_rng(0)
+  keep = {n: rng.random(unit_map[n].size) < 0.5 for n in unit_gates.gated_groups(unit_map)}
+  for mask in keep.values():
+    mask[0] = True
+  size = unit_gates.expected_size(unit_map, variables, {n: m.astype(np.float32) for n, m in keep.items()})
+  small_model, small_vars, _ = structure.remove(model, variables, unit_map, keep)
+  kernels = lambda params: sum(np.size(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+                               if str(getattr(k[-1], 'key', '')) == 'kernel')
+  assert float(size['density']) == pytest.approx(kernels(small_vars['params']) / kernels(variables['params']))
+  assert float(size['macs']) == pytest.approx(
+      models.count_flops(small_model, (8, 8, 1)) / models.count_flops(model, (8, 8, 1)), rel=1e-6)
+  assert float(size['macs']) != pytest.approx(float(size['density']))   # convs weigh by their positions
+
+
+def test_expected_size_of_a_stream_conv_counts_a_unit_once():
+  """A group on both axes of one kernel: E[1_u·1_u] = p_u, against enumeration of a hand-declared map."""
+  import itertools
+  from dessilbi_jax.structure import Slice, UnitGroup, UnitMap
+  kernel = ('Dense_0', 'kernel')
+  group = UnitGroup('stream', 2, (Slice('params', kernel, 0, 'consumer', 0, 2),
+                                  Slice('params', kernel, 1, 'producer', 0, 2)))
+  unit_map = UnitMap((group,), positions=((kernel, 3),))
+  variables = {'params': {'Dense_0': {'kernel': jnp.zeros((2, 2))}}}
+  p = np.array([0.3, 0.8])
+  size = unit_gates.expected_size(unit_map, variables, {'stream': jnp.asarray(p, jnp.float32)})
+  expected = sum(np.prod([q if b else 1 - q for q, b in zip(p, bits)]) * sum(bits) ** 2
+                 for bits in itertools.product([0, 1], repeat=2))
+  assert float(size['density']) == pytest.approx(expected / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize('scope', ['model', 'layer'])
+def test_size_constraint_values_and_gradient(scope):
+  _, variables, unit_map = _mlp()
+  log_alphas = {'Dense_0': jnp.array([3.0, -1.0, 0.5]), 'Dense_1': jnp.array([-0.5, 1.0])}
+  probs = {k: l0.prob_active(v) for k, v in log_alphas.items()}
+  size = unit_gates.expected_size(unit_map, variables, probs)
+  g = unit_gates.size_constraint(unit_map, variables, target_macs=0.1, scope=scope)
+  values = g(log_alphas)
+  if scope == 'model':
+    assert float(values) == pytest.approx(float(size['macs']) - 0.1)
+  else:
+    assert sorted(values) == ['Dense_0', 'Dense_1', 'Dense_2']
+    for k, v in values.items():
+      assert float(v) == pytest.approx(float(size['layers'][k]) - 0.1)
+  # The gradient of the model-wise MACs in one log α, by central differences.
+  grad = jax.grad(lambda a: jnp.sum(jnp.stack(jax.tree.leaves(g(a)))))(log_alphas)
+  bump = lambda d: {**log_alphas, 'Dense_1': log_alphas['Dense_1'].at[0].add(d)}
+  numeric = (sum(jax.tree.leaves(g(bump(1e-2)))) - sum(jax.tree.leaves(g(bump(-1e-2))))) / 2e-2
+  assert float(grad['Dense_1'][0]) == pytest.approx(float(numeric), rel=1e-2)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(), 'Give one of `target_density` and `target_macs`'),
+    (dict(target_density=0.3, target_macs=0.3), 'Give one of'),
+    (dict(target_macs=0.0), '`target_macs` must be a number in \\(0, 1\\]'),
+    (dict(target_density=1.5), '`target_density` must be a number in'),
+    (dict(target_density=float('nan')), '`target_density` must be a number in'),
+    (dict(target_density=0.3, scope='net'), '`scope` must be one of'),
+])
+def test_size_constraint_rejects_bad_targets(kwargs, message):
+  _, variables, unit_map = _mlp()
+  with pytest.raises(ValueError, match=message):
+    unit_gates.size_constraint(unit_map, variables, **kwargs)
 
 
 def test_init_rescales_and_training_gates_are_differentiable(resnet):
@@ -148,8 +224,7 @@ def test_init_rescales_and_training_gates_are_differentiable(resnet):
   ones = {n: jnp.full_like(a, 1 / 0.7) for n, a in log_alphas.items()}
   np.testing.assert_allclose(_apply(model, rescaled, X_IMAGES),
                              _apply(model, structure.gate(variables, unit_map, ones), X_IMAGES), rtol=1e-6)
-  assert float(l0.model_density(log_alphas, unit_gates.group_sizes(variables, unit_map, names))) == \
-      pytest.approx(0.92, abs=0.01)
+  assert float(l0.prob_active(jnp.mean(jnp.concatenate(list(log_alphas.values()))))) == pytest.approx(0.92, abs=0.01)
 
   def loss(log_alphas):
     gated = unit_gates.apply_gates(rescaled, unit_map, log_alphas, key=jax.random.key(7))
@@ -192,6 +267,11 @@ def test_summary_counts_the_purged_network():
       models.count_params(small_vars['params']) / models.count_params(variables['params']))
   assert report['purged_macs'] == pytest.approx(
       models.count_flops(small_model, (8, 8, 1)) / models.count_flops(model, (8, 8, 1)))
-  sizes = unit_gates.group_sizes(variables, unit_map, names)
-  assert report['expected_density'] == pytest.approx(float(l0.model_density(log_alphas, sizes)))
-  assert 0 < report['purged_params'] < 1 and report['purged_params'] != pytest.approx(report['expected_density'])
+  kernels = lambda params: sum(np.size(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+                               if str(getattr(k[-1], 'key', '')) == 'kernel')
+  assert report['purged_density'] == pytest.approx(kernels(small_vars['params']) / kernels(variables['params']))
+  probs = {n: l0.prob_active(a) for n, a in log_alphas.items()}
+  size = unit_gates.expected_size(unit_map, variables, probs)
+  assert report['expected_density'] == pytest.approx(float(size['density']))
+  assert report['expected_macs'] == pytest.approx(float(size['macs']))
+  assert 0 < report['purged_params'] < 1 and report['purged_density'] != pytest.approx(report['expected_density'])

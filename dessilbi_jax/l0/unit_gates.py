@@ -10,15 +10,15 @@ kernel and bias. The gates are ``{group name: log_α of shape (units,)}``.
 * :func:`gated_groups`: which groups carry gates (by default every prunable
   group outside the residual streams: not the inputs, not the classifier's
   logits, not the shortcut-tied stream channels);
-* :func:`group_sizes`: ``|g|``, the producer kernel entries one unit owns, for
-  the expected density;
-* :func:`init_unit_gates`: ``log_α`` from ``droprate_init`` and the paper's
-  weight rescaling by ``1/(1 − p₀)``;
+* :func:`init_unit_gates` (:func:`init_log_alphas`, :func:`rescale`): ``log_α``
+  from ``droprate_init`` and the paper's weight rescaling by ``1/(1 − p₀)``;
 * :func:`apply_gates`: the network with sampled (training) or median (test) gates;
+* :func:`expected_size`: the expected kernel density and MACs of the gated
+  network, per layer and model-wise (a unit's kernel entries go when it or an
+  input unit is shut), and :func:`size_constraint`, a target on either;
 * :func:`purge`: the plain, smaller network: median gates folded into the
   weights, shut units removed;
-* :func:`summary`: expected density, purged params and purged MACs, reported
-  separately (they differ).
+* :func:`summary`: expected and purged sizes.
 
 Example::
 
@@ -30,8 +30,8 @@ Example::
   >>> variables = model.init(jax.random.key(0), x)
   >>> unit_map = structure.trace(model, variables, x)
   >>> names = unit_gates.gated_groups(unit_map)
-  >>> names, unit_gates.group_sizes(variables, unit_map, names)
-  (('Dense_0',), {'Dense_0': 4})
+  >>> names
+  ('Dense_0',)
   >>> variables, log_alphas = unit_gates.init_unit_gates(jax.random.key(1), variables, unit_map, names, 0.5)
   >>> log_alphas = {'Dense_0': jnp.array([5.0, -5.0, 5.0])}     # the middle neuron shut
   >>> small_model, small_vars = unit_gates.purge(model, variables, unit_map, log_alphas)
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,39 +79,28 @@ def gated_groups(unit_map: structure.UnitMap, *, exclude: Sequence[str] = (),
   return chosen
 
 
-def group_sizes(variables: Any, unit_map: structure.UnitMap, names: Sequence[str]) -> dict[str, Any]:
-  """``|g|`` per unit of each gated group: the producer kernel entries it owns.
+def init_log_alphas(key: jax.Array, unit_map: structure.UnitMap, names: Sequence[str],
+                    droprate_init: float) -> dict[str, jax.Array]:
+  """``{group name: log_α}``, ``log_α ~ N(log((1 − p₀)/p₀), 0.01²)`` of the group's size, ``p₀ = droprate_init``."""
+  keys = jax.random.split(key, len(names))
+  return {name: l0.init_log_alpha(k, (unit_map[name].size,), droprate_init) for name, k in zip(names, keys)}
 
-  An int where every unit of the group owns as many (one producer), else an
-  array of the group's size (a stream's units, summed over the producers that
-  write them).
+
+def rescale(variables: Any, unit_map: structure.UnitMap, names: Sequence[str], droprate_init: float) -> Any:
+  """``variables`` with the gated groups' outputs scaled by ``1/(1 − p₀)``: the paper's initial weight rescaling.
+
+  After a BatchNorm, which would undo a kernel scaling, the BN's scale and
+  bias carry it, the same place as the gates.
   """
-  leaves = {tuple(str(getattr(k, 'key', k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
-  sizes = {}
-  for name in names:
-    group = unit_map[name]
-    per_unit = np.zeros(group.size, np.int64)
-    for s in group.producers:
-      shape = np.shape(leaves[s.path])
-      per_unit[s.offset:s.offset + s.size] += math.prod(shape) // shape[s.axis]
-    sizes[name] = int(per_unit[0]) if np.all(per_unit == per_unit[0]) else per_unit
-  return sizes
+  scale = l0.init_weight_scale(droprate_init)
+  return structure.gate(variables, unit_map, {n: jnp.full((unit_map[n].size,), scale) for n in names})
 
 
 def init_unit_gates(key: jax.Array, variables: Any, unit_map: structure.UnitMap, names: Sequence[str],
                     droprate_init: float) -> tuple[Any, dict[str, jax.Array]]:
-  """``(variables, log_alphas)``: the gated groups' outputs scaled by ``1/(1 − p₀)``, ``log_α`` from ``p₀``.
-
-  The rescaling is the paper's (weights divided by ``1 − p₀``); after a
-  BatchNorm, which would undo a kernel scaling, it goes to the BN's scale and
-  bias, the same place as the gates.
-  """
-  keys = jax.random.split(key, len(names))
-  log_alphas = {name: l0.init_log_alpha(k, (unit_map[name].size,), droprate_init) for name, k in zip(names, keys)}
-  scale = l0.init_weight_scale(droprate_init)
-  rescaled = structure.gate(variables, unit_map, {n: jnp.full((unit_map[n].size,), scale) for n in names})
-  return rescaled, log_alphas
+  """``(rescale(variables, ...), init_log_alphas(key, ...))``: the paper's initialization in one call."""
+  return (rescale(variables, unit_map, names, droprate_init),
+          init_log_alphas(key, unit_map, names, droprate_init))
 
 
 def apply_gates(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array],
@@ -144,20 +133,160 @@ def purge(model, variables: Any, unit_map: structure.UnitMap, log_alphas: Mappin
   return new_model, new_variables
 
 
-def summary(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array]) -> dict[str, float]:
-  """The three sizes of a gated network, each a fraction of the ungated one's.
+# -- sizes: expected under the gates, and of the purged network ----------------------------------------
 
-  * ``expected_density``: the model-wise expected L0 density of the gated
-    groups (:func:`dessilbi_jax.l0.model_density`, producer kernels only);
-  * ``purged_params`` and ``purged_macs``: params and multiply-accumulates of
-    the network :func:`purge` gives (all layers), by the unit map's count.
+class Kernel(NamedTuple):
+  """A conv or dense kernel as the unit map sees it.
 
-  They differ: a removed unit also takes the next layer's input slices with it,
-  and ungated layers count in the totals.
+  Attributes:
+    name: its module path, ``'Conv_0'``.
+    shape: the kernel's shape.
+    positions: its output positions per example (MACs = positions · kept entries).
+    axes: per cut axis, ``(group name, unit of every index along it)``
+      (index ``p·size + c`` reads unit ``offset + c``, as the slice says).
   """
-  names = tuple(log_alphas)
-  density = l0.model_density(dict(log_alphas), group_sizes(variables, unit_map, names))
-  params, macs = structure.count(unit_map, variables, _keep(unit_map, log_alphas))
+  name: str
+  shape: tuple[int, ...]
+  positions: int
+  axes: tuple[tuple[int, str, np.ndarray], ...]
+
+
+def kernels(unit_map: structure.UnitMap, variables: Any) -> tuple[Kernel, ...]:
+  """Every kernel whose MACs :func:`dessilbi_jax.structure.count` counts, with the groups along its axes."""
+  leaves = {tuple(str(getattr(k, 'key', k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
+  cuts = unit_map.leaves()
+  out = []
+  for path, positions in unit_map.positions:
+    path = tuple(path) if tuple(path)[-1:] == ('kernel',) else tuple(path) + ('kernel',)
+    axes = tuple((s.axis, group.name, np.tile(np.arange(s.offset, s.offset + s.size), s.repeat))
+                 for group, s in cuts.get(('params', path), ()))
+    out.append(Kernel('/'.join(path[:-1]), tuple(np.shape(leaves[path])), int(positions), axes))
+  return tuple(out)
+
+
+def expected_entries(kernel: Kernel, probs: Mapping[str, jax.Array]) -> jax.Array:
+  r"""``E[kept entries]`` of ``kernel`` when unit ``u`` of group ``g`` is on with probability ``probs[g][u]``.
+
+  Units are independent, an entry is kept when every unit it joins is on, and
+  groups missing from ``probs`` are on. With one gated group per axis the
+  expectation factorizes: ``Π_axes Σ_i p(unit of i)`` (a hidden dense layer:
+  ``E[active in]·E[active out]``); a group on two axes of one kernel (a
+  stream-to-stream conv) adds ``Σ_u n_a(u)·n_b(u)·(p_u − p_u²)``, because
+  ``E[1_u·1_u] = p_u``.
+  """
+  gated = [(axis, group, units) for axis, group, units in kernel.axes if group in probs]
+  size = math.prod(n for axis, n in enumerate(kernel.shape) if axis not in {a for a, _, _ in gated})
+  by_group: dict[str, list[np.ndarray]] = {}
+  for _, group, units in gated:
+    by_group.setdefault(group, []).append(units)
+  for group, unit_lists in by_group.items():
+    p = jnp.asarray(probs[group])
+    if len(unit_lists) == 1:
+      size = size * jnp.sum(p[unit_lists[0]])
+    elif len(unit_lists) == 2:
+      a, b = (np.bincount(u, minlength=p.shape[0]) for u in unit_lists)
+      size = size * (jnp.sum(p[unit_lists[0]]) * jnp.sum(p[unit_lists[1]]) + jnp.sum(a * b * (p - p * p)))
+    else:
+      raise ValueError(f'Kernel {kernel.name} has group {group!r} on {len(unit_lists)} axes; at most two are '
+                       'counted.')
+  return jnp.asarray(size, jnp.float32)
+
+
+def expected_size(unit_map: structure.UnitMap, variables: Any, probs: Mapping[str, Any]) -> dict[str, Any]:
+  r"""The expected size of the gated network, as fractions of the ungated one's (differentiable).
+
+  ``probs``: ``{group name: p}``, ``p_u`` the probability that unit ``u`` is on
+  (``P(z_u ≠ 0)``, :func:`dessilbi_jax.l0.prob_active` of its ``log_α``; a
+  keep-mask as 0/1 gives the removed network's sizes); groups left out are
+  on. With ``E_k``
+  the expected kept entries of kernel ``k`` (:func:`expected_entries`),
+  ``N_k`` its entries and ``P_k`` its output positions:
+
+  * ``density``: ``Σ_k E_k / Σ_k N_k``, the expected fraction of every conv and
+    dense kernel entry kept (the classifier's included);
+  * ``macs``: ``Σ_k P_k·E_k / Σ_k P_k·N_k``, the expected multiply-accumulates;
+  * ``layers``: ``{kernel: E_k / N_k}`` of the kernels a gate acts on (a layer's
+    MACs fraction is its density).
+
+  A shut unit removes its kernel slice and the next layer's inputs, so these
+  are the sizes the purged network has (:func:`summary`) once the gates are 0 or 1.
+
+  Example: an MLP 4-3-10 with one hidden neuron on, one off, one a coin::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from dessilbi_jax import models, structure
+    >>> from dessilbi_jax.l0 import unit_gates
+    >>> model = models.get_model('mlp', 10, (4,), widths=(3,))
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    >>> unit_map = structure.trace(model, variables, jnp.zeros((1, 4)))
+    >>> size = unit_gates.expected_size(unit_map, variables, {'Dense_0': jnp.array([1.0, 0.0, 0.5])})
+    >>> round(float(size['density']), 3), round(float(size['macs']), 3)   # (4 + 10)·1.5 / (4 + 10)·3
+    (0.5, 0.5)
+    >>> g = unit_gates.size_constraint(unit_map, variables, target_macs=0.25, scope='layer')   # one neuron on
+    >>> {k: round(float(v), 2) for k, v in g({'Dense_0': jnp.array([50.0, -50.0, -50.0])}).items()}
+    {'Dense_0': 0.08, 'Dense_1': 0.08}
+  """
+  sizes = [(k, expected_entries(k, probs), math.prod(k.shape)) for k in kernels(unit_map, variables)]
+  return dict(density=sum(e for _, e, _ in sizes) / sum(n for _, _, n in sizes),
+              macs=sum(k.positions * e for k, e, _ in sizes) / sum(k.positions * n for k, _, n in sizes),
+              layers={k.name: e / n for k, e, n in sizes if any(g in probs for _, g, _ in k.axes)})
+
+
+SCOPES = ('model', 'layer')
+
+
+def size_constraint(unit_map: structure.UnitMap, variables: Any, *, target_density: Optional[float] = None,
+                    target_macs: Optional[float] = None, scope: str = 'model'):
+  r"""``log_alphas -> violations``: the expected size of :func:`expected_size` minus its target, ``≤ 0`` when met.
+
+  Args:
+    unit_map, variables: the network (its shapes only).
+    target_density: ``ε`` ∈ (0, 1], the fraction of kernel entries to keep;
+    target_macs: or ``μ`` ∈ (0, 1], the fraction of the MACs (one of the two).
+    scope: ``'model'``: one constraint (a scalar); ``'layer'``: one per gated
+      kernel, ``{kernel: E_k/N_k − target}`` (a layer's MACs and entries
+      shrink together, so both targets mean the same there).
+
+  Example: :func:`expected_size`'s.
+  """
+  if (target_density is None) == (target_macs is None):
+    raise ValueError('Give one of `target_density` and `target_macs` (the fraction of kernel entries or of '
+                     f'multiply-accumulates to keep); got target_density={target_density}, '
+                     f'target_macs={target_macs}.')
+  name, target = ('target_density', target_density) if target_macs is None else ('target_macs', target_macs)
+  if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0.0 < target <= 1.0:
+    raise ValueError(f'`{name}` must be a number in (0, 1], a fraction of the ungated network; got {target!r}.')
+  if scope not in SCOPES:
+    raise ValueError(f'`scope` must be one of {SCOPES}, got {scope!r}.')
+  measure = 'density' if target_macs is None else 'macs'
+
+  def violations(log_alphas):
+    size = expected_size(unit_map, variables, {n: l0.prob_active(a) for n, a in log_alphas.items()})
+    if scope == 'model':
+      return size[measure] - target
+    return {k: v - target for k, v in size['layers'].items()}
+
+  return violations
+
+
+def summary(variables: Any, unit_map: structure.UnitMap, log_alphas: Mapping[str, jax.Array]) -> dict[str, float]:
+  """The sizes of a gated network, each a fraction of the ungated one's.
+
+  * ``expected_density``, ``expected_macs``: :func:`expected_size` under the
+    gates' distribution (what the constraints see);
+  * ``purged_density``: the kernel entries of the network :func:`purge` gives;
+  * ``purged_params``, ``purged_macs``: its params (biases and norms included)
+    and multiply-accumulates, by the unit map's count.
+
+  Once the gates are 0 or 1 the expected and purged sizes agree (but for the
+  one unit a layer keeps when every gate of it is shut).
+  """
+  expected = expected_size(unit_map, variables, {n: l0.prob_active(a) for n, a in log_alphas.items()})
+  keep = structure.resolve_keep(unit_map, _keep(unit_map, log_alphas))
+  purged = expected_size(unit_map, variables, {n: keep[n].astype(np.float32) for n in log_alphas})
+  params, macs = structure.count(unit_map, variables, keep)
   full_params, full_macs = structure.count(unit_map, variables)
-  return {'expected_density': float(density), 'purged_params': params / full_params,
+  return {'expected_density': float(expected['density']), 'expected_macs': float(expected['macs']),
+          'purged_density': float(purged['density']), 'purged_params': params / full_params,
           'purged_macs': macs / full_macs}
