@@ -49,6 +49,7 @@ def test_metrics_against_the_gates_of_the_final_state(run):
   assert row['purged_params'] == sum(a * b + b for a, b in zip(widths, widths[1:]))
   # The purged network is the median-gated one: the same predictions, hence the same accuracy.
   assert row['purged_test_acc'] == row['dense_test_acc']
+  train.write_run_plots(out)
   assert (out / 'plots' / 'density.png').stat().st_size > 10_000   # density against epoch, with the target
 
 
