@@ -144,3 +144,68 @@ def test_a_bad_lambda_is_a_clear_error(capsys, tmp_path):
   err = capsys.readouterr().err
   assert "--lambda takes one number or kind=λ pairs (e.g. --lambda filter=1 lasso=0.03), got 'filter:1'" in err
   assert not (tmp_path / 'x').exists()
+
+
+def _config(*argv):
+  return cli.train_config(cli.build_parser().parse_args(['train', *argv]))
+
+
+@pytest.mark.parametrize('argv,optimizer,opt', [
+    (['--optimizer', 'l0', '--target-density', '0.3', '--dual-lr', '0.2', '--gates-lr', '5', '--constraint', 'layer',
+      '--droprate-init', '0.1'],
+     'l0', train.optimizers.L0(target_density=0.3, dual_lr=0.2, gates_lr=5.0, constraint='layer', droprate_init=0.1)),
+    (['--optimizer', 'l0_penalty', '--penalty', '0.05'], 'l0_penalty', train.optimizers.L0Penalty(penalty=0.05)),
+    (['--target-density', '0.3', '--target-method', 'budget', '--dual-lr', '0.05', '--no-store-gamma', '--kappa', '2',
+      '--mu', '10', '--lambda', 'filter=1', '--no-normalize-groups'],
+     'dessilbi', train.optimizers.DessiLBI(target_density=0.3, target_method='budget', dual_lr=0.05, store_gamma=False,
+                                           kappa=2.0, mu=10.0, lambdas=(('filter', 1.0), ('lasso', 0.2)),
+                                           normalize_groups=False)),
+    (['--optimizer', 'gmp_structured', '--sparsity', '0.5'], 'gmp_structured', train.optimizers.GMP(sparsity=0.5)),
+    (['--optimizer', 'prox_group_lasso', '--penalty', '0.01'], 'prox_group_lasso',
+     train.optimizers.GroupLasso(penalty=0.01)),
+    (['--optimizer', 'adam'], 'adam', train.optimizers.Plain()),
+])
+def test_the_flags_fill_the_optimizers_sub_config(argv, optimizer, opt):
+  cfg = _config(*argv)
+  assert (cfg.optimizer, cfg.opt) == (optimizer, opt)
+  train.check_values(cfg)
+
+
+def test_every_optimizer_option_has_a_flag_naming_its_optimizers(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(['train', '--help'])
+  text = ' '.join(capsys.readouterr().out.split())
+  for name, entry in train.OPTIMIZERS.items():
+    assert name in text
+    for field in train.optimizers.fields_of(entry.config):
+      assert train.optimizers.flag_of(field) in text
+  assert 'dessilbi: damping κ (default 1.0)' in text and 'l0, l0_penalty: the gates\' own learning rate' in text
+  assert '(default 0.01); l0: the Lagrange multipliers\' learning rate (default 0.1)' in text   # --dual-lr
+
+
+def test_a_flag_of_another_optimizer_is_one_clear_error(capsys, tmp_path):
+  assert cli.main(['train', '--sparsity', '0.5', '--out', str(tmp_path / 'x')]) == 1
+  err = capsys.readouterr().err
+  assert err == ('dessilbi train: error: --sparsity: an option of --optimizer gmp or gmp_structured; --optimizer '
+                 'dessilbi cannot take it (leave it out, or use --optimizer gmp).\n')
+  assert not (tmp_path / 'x').exists()
+
+
+def test_a_damaged_checkpoint_exits_with_its_one_line(run, tmp_path):
+  """The error line alone on stderr: no traceback of orbax's background reads after it (they are waited for)."""
+  import shutil
+  out = tmp_path / 'damaged'
+  shutil.copytree(run, out)
+  for file in (out / 'checkpoints' / '3' / 'state').rglob('*'):
+    if file.is_file() and file.parent.name == 'd':
+      file.write_bytes(b'garbage')
+  env = {**os.environ, 'PYTHONPATH': str(REPO)}
+  for _ in range(2):   # the background reads race the exit: twice, to catch one that comes late
+    done = subprocess.run([sys.executable, '-m', 'dessilbi_jax', 'train', '--resume', '--out', str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 1
+    assert 'Traceback' not in done.stderr and 'Event loop' not in done.stderr, done.stderr
+    line, = done.stderr.splitlines()
+    assert line.startswith(f'dessilbi train: error: The checkpoint of epoch 3 in {out / "checkpoints"} is unreadable')
+    assert line.endswith(f'Delete {out / "checkpoints" / "3"} to resume from epoch 2, or pass --fall-back to resume '
+                         'from the newest checkpoint that passes its checks (the damaged ones stay).')

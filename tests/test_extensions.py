@@ -67,7 +67,8 @@ def test_metrics_hook_lands_in_metrics_jsonl_and_the_epoch_line(tiny, tmp_path, 
     params['Conv_0']['bias'][1::2] = 0
     return {'half_filters_acc': epoch.evaluate(epoch.model, {'params': params}), 'epoch_seen': epoch.epoch}
 
-  result = train.fit(tiny, tmp_path / 'run', extensions=[train.Extension('half', metrics=half_filters)])
+  words = train.Extension('words', metrics=lambda e: {'words_n': 7}, summary=lambda row: f'seven is {row["words_n"]}')
+  result = train.fit(tiny, tmp_path / 'run', extensions=[train.Extension('half', metrics=half_filters), words])
   row = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
   params = jax.tree.map(np.array, result.params)
   params['Conv_0']['kernel'][..., 1::2] = 0
@@ -76,7 +77,13 @@ def test_metrics_hook_lands_in_metrics_jsonl_and_the_epoch_line(tiny, tmp_path, 
   x, y = data.load_arrays('digits', 'test', data_dir=tiny.data_dir)
   reference = np.mean(np.argmax(model.apply({'params': params}, x), -1) == y)   # a plain count
   assert row['half_filters_acc'] == pytest.approx(reference) and row['epoch_seen'] == 1
-  assert f'half_filters_acc {reference:.4g}' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert f'half_filters_acc {reference:.4g}' in out   # no words of its own: its scalars
+  # An extension with words says them instead of its metrics; the registry's compact extension says its own.
+  assert 'seven is 7' in out and 'words_n' not in out and row['words_n'] == 7
+  assert (f'compact {100 * row["compact_test_acc"]:.1f}% ({row["compact_params"]:,} params, '
+          f'{row["compact_macs"]:,} MACs)') in out
+  assert [e.name for e in result.extensions] == ['compact', 'half', 'words']
   with pytest.raises(ValueError, match=r"Extension 'clash' returned metrics \['dense_test_acc'\]"):
     train.fit(tiny, quiet=True, extensions=[train.Extension('clash', metrics=lambda e: {'dense_test_acc': 1})])
 
@@ -144,3 +151,15 @@ def test_a_reshaped_state_that_does_not_fit_its_widths_is_an_error(tiny):
 
   with pytest.raises(ValueError, match=r'for widths \(4, 8, 16, 32\): params does not match the model'):
     train.fit(tiny, quiet=True, extensions=[train.Extension('bad', epoch_end=bad)])
+
+
+def test_the_registry_entry_gives_the_extensions_and_the_caller_replaces_them(tiny):
+  names = lambda cfg, given=(): [e.name for e in train.optimizers.default_extensions(cfg, given)]
+  assert names(tiny) == ['compact']
+  assert names(dataclasses.replace(tiny, target_density=0.3)) == ['compact', 'target']
+  assert names(dataclasses.replace(tiny, model='mlp', widths=(8,), optimizer='l0', target_density=0.3)) == ['l0']
+  mine = train.Extension('compact', metrics=lambda epoch: {})
+  assert train.optimizers.default_extensions(tiny, [mine]) == (mine,)
+  target, = [e for e in train.optimizers.default_extensions(dataclasses.replace(tiny, target_density=0.25))
+             if e.name == 'target']
+  assert train.extensions.summaries([target], {}) == ('target 25.0%',)

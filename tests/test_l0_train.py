@@ -56,7 +56,7 @@ def test_metrics_against_the_gates_of_the_final_state(run):
                                                 sum(a * b for a, b in zip(dense, dense[1:])))
   # The purged network is the median-gated one: the same predictions, hence the same accuracy.
   assert row['purged_test_acc'] == row['dense_test_acc']
-  train.write_run_plots(out)   # what `dessilbi train` does after fit
+  train.write_run_plots(out)
   assert (out / 'plots' / 'density.png').stat().st_size > 10_000   # density against epoch, with the target
 
 

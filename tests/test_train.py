@@ -259,6 +259,15 @@ def test_presets_pick_model_and_hyperparameters_and_overrides_win():
     train.preset('svhn')
 
 
+def _state_after(tx, params, grads, steps):
+  """The state of ``tx`` after ``steps`` updates with the same gradients."""
+  state, p = tx.init(params), params
+  for _ in range(steps):
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+  return state
+
+
 def test_config_json_round_trips_per_kind_lambdas(tiny, tmp_path):
   cfg = dataclasses.replace(tiny, lambdas=(('filter', 2.0), ('lasso', 0.01)))
   assert train.TrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
@@ -276,13 +285,7 @@ def test_config_json_round_trips_per_kind_lambdas(tiny, tmp_path):
   grads = jax.tree.map(lambda w: jnp.full_like(w, 0.5), params)
   reference = dl.dessilbi(train.learning_rate_schedule(cfg, 11), mu=cfg.mu, lambdas={'filter': 2.0, 'lasso': 0.01},
                           normalize_groups=cfg.normalize_groups)
-  states = []
-  for tx in (train.make_optimizer(cfg, 11), reference):
-    state, p = tx.init(params), params
-    for _ in range(40):
-      updates, state = tx.update(grads, state, p)
-      p = optax.apply_updates(p, updates)
-    states.append(state)
+  states = [_state_after(tx, params, grads, 40) for tx in (train.make_optimizer(cfg, 11), reference)]
   _assert_trees_equal(dl.gamma(states[0]), dl.gamma(states[1]))
   assert any(np.any(s) for s in jax.tree.leaves(dl.support(states[0])))
 
@@ -383,13 +386,7 @@ def test_the_target_fields_reach_dessilbis_update(tiny):
                           normalize_groups=True, target_density=target)
   default_rate = dl.dessilbi(train.learning_rate_schedule(cfg, 11), mu=cfg.mu, lambdas=cfg.lambdas,
                              normalize_groups=True, target_density=target._replace(rate=0.01))
-  states = []
-  for tx in (train.make_optimizer(cfg, 11), reference, default_rate):
-    state, p = tx.init(params), params
-    for _ in range(30):
-      updates, state = tx.update(grads, state, p)
-      p = optax.apply_updates(p, updates)
-    states.append(state)
+  states = [_state_after(tx, params, grads, 30) for tx in (train.make_optimizer(cfg, 11), reference, default_rate)]
   _assert_trees_equal(dl.gamma(states[0]), dl.gamma(states[1]))
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, dl.gamma(states[0]), dl.gamma(states[2]))))
 

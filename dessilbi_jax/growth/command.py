@@ -91,5 +91,6 @@ def grow(cfg: train.TrainConfig, settings: GrowthSettings, out_dir=None, *, resu
                                settings_file=None if run_dir is None else run_dir / SETTINGS_FILE)
   result = train.fit(cfg, run_dir, resume=resume, quiet=quiet, extensions=[extension])
   if run_dir is not None and result.history:
+    train.write_run_plots(run_dir)
     plots.plot_widths(result.history, run_dir / 'plots' / 'widths.png')
   return result

@@ -156,7 +156,11 @@ def saved_epochs(directory) -> list[int]:
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     return []
-  return sorted(ocp.CheckpointManager(directory.absolute()).all_steps())
+  manager = ocp.CheckpointManager(directory.absolute())
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
 
 
 def read_record(directory, epoch: int) -> dict[str, Any]:
@@ -199,6 +203,7 @@ def restore(directory, target, *, epoch: Optional[int] = None,
   try:
     restored = manager.restore(epoch, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax raises many types for damaged files; name the checkpoint instead.
+    _quiet_late_reads()
     raise CheckpointError(f'{name} is unreadable or does not match this run ({_first_line(e)}).') from e
   finally:
     manager.close()
@@ -210,6 +215,28 @@ def restore(directory, target, *, epoch: Optional[int] = None,
     if record['arrays'] is not None:
       _verify(record['arrays'], record.get('arrays_sha256'), name)
   return restored['state'], record
+
+
+def _quiet_late_reads() -> None:
+  """Silences the reads a failed restore leaves in flight.
+
+  Orbax runs a restore's reads on a private event loop and closes it when the
+  first read fails; the tensorstore reads still running then complete into the
+  closed loop, each an unraisable ``RuntimeError('Event loop is closed')``
+  printed as a traceback after the error (now and then, at exit). Those alone
+  are dropped; every other unraisable exception reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_late_reads', False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_late_reads = True
+  sys.unraisablehook = hook
 
 
 def save_tree(path, tree) -> None:
@@ -233,6 +260,7 @@ def load_tree(path, target):
   try:
     tree = checkpointer.restore(path.absolute(), jax.device_get(target))
   except Exception as e:  # see restore()
+    _quiet_late_reads()
     raise CheckpointError(f'The arrays saved at {path} are unreadable or do not match ({_first_line(e)}).') from e
   finally:
     checkpointer.close()
