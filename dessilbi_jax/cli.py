@@ -20,8 +20,9 @@ other flag overrides one of them. ``--lambda`` takes one number or
 run's saved configuration is used and only ``--epochs`` (the new total) may
 change.
 Errors in the input are reported in one line, naming the flag, and exit with
-status 1 before any training starts; a non-finite loss stops training with status 1 and leaves the
-last good checkpoint in place.
+status 1 before any training starts; a non-finite loss or a failed write (a full disk) stops training with
+status 1 and leaves the last good checkpoint in place; Ctrl-C and SIGTERM stop it with status 130 and 143,
+saying which checkpoint is kept and the command that continues.
 """
 
 from __future__ import annotations

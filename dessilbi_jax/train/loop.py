@@ -63,7 +63,11 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
       directory is an error unless ``resume``; a run that fails before its
       first checkpoint leaves the directory as it found it.
     resume: continue the run in ``out_dir`` from its last checkpoint up to
-      ``cfg.epochs``; ``cfg`` must equal the saved one except for ``epochs``.
+      ``cfg.epochs``; ``cfg`` must equal the saved one (and the checkpoint's
+      record) except for ``epochs``. A run with no checkpoint starts again
+      from epoch 1 if it recorded no epoch yet (killed in its first), and
+      says so; one that recorded epochs is refused, nothing changed.
+      A run removes only files it created itself, by name.
     tx: an optimizer to use instead of :func:`make_optimizer`.
     masks: bool pytree like the params (``None`` leaves: unmasked); masked
       weights are zero from the start and stay exactly zero.
@@ -83,6 +87,12 @@ def fit(cfg: TrainConfig, out_dir=None, *, resume: bool = False,
     ValueError: bad config, directory, checkpoint or inputs (before training).
     FloatingPointError: the loss became NaN or infinite; nothing is saved
       after the last good epoch.
+    OSError: ``out_dir`` cannot be written, or a write failed (a full disk):
+      the run stops at that epoch; the message names the path, the error,
+      the last good checkpoint and the command that continues.
+    dessilbi_jax.train.run_dir.Interrupted: Ctrl-C or SIGTERM (a
+      ``KeyboardInterrupt``): a save in flight is finished first; the message
+      says the epoch and the last checkpoint.
   """
   check_config(cfg)
   ext.check_names(extensions)
