@@ -120,13 +120,12 @@ def test_a_budget_stops_before_the_round_that_would_pass_it():
   # Only b saturates: each round +2 on b costs 16·25·2·2 = 1,600: (2, 8) 9,600, (2, 10) 11,200, (2, 12) 12,800.
   assert _rounds(GrowthSettings(**s, target_macs=12_000), {'a': 2, 'b': 6}, {'a': 0.1, 'b': 0.9}, 3) == [
       (2, 6), (2, 8), (2, 10), (2, 10)]
-  # Nothing saturated: the budget is never asked (no round is proposed).
-  assert next_widths({'a': Layer(2, 0.1, 'conv')}, GrowthSettings(target_macs=1), macs=None) == {'a': 2}
 
 
 def test_a_budget_needs_macs_and_a_count():
-  with pytest.raises(ValueError, match='`target_macs` is set, so next_widths needs `macs`'):
-    next_widths({'a': Layer(2, 1.0, 'conv')}, GrowthSettings(target_macs=10))
+  for rate in (1.0, 0.0):   # even where no round is proposed: the error shows at the first check
+    with pytest.raises(ValueError, match='`target_macs` is set, so next_widths needs `macs`'):
+      next_widths({'a': Layer(2, rate, 'conv')}, GrowthSettings(target_macs=10))
   for bad in (0, -5, 2.5, True, math.nan):
     with pytest.raises(ValueError, match='`target_macs` must be an integer >= 1'):
       GrowthSettings(target_macs=bad)
