@@ -240,15 +240,15 @@ def _grow(args, train) -> None:
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the growth run to continue.')
+    if args.target_macs is not None or args.reference_widths is not None:
+      raise ValueError('--target-macs and --reference-widths are fixed when a growth run starts; --resume '
+                       f'continues with the budget in {args.out}/growth.json (leave them out).')
     base = train.load_config(args.out)
   else:
     base = growth.grow_preset(given.get('dataset', 'digits'))[0]
   if 'lambdas' in given:
     given['lambdas'] = _lambdas(given['lambdas'], base.lambdas)
   if args.resume:
-    if args.target_macs is not None:
-      raise ValueError('--target-macs is fixed when a growth run starts; --resume continues with the budget in '
-                       f'{args.out}/growth.json (leave the flag out).')
     cfg = dataclasses.replace(base, **given)
     settings, _ = growth.load_settings(args.out)
   else:
