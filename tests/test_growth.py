@@ -186,3 +186,21 @@ def test_bad_growth_flags_get_one_clear_line(argv, message, tmp_path, capsys):
   assert 'dessilbi grow: error:' in err
   assert re.search(message, err), err
   assert not (tmp_path / 'run').exists()
+
+
+def test_grow_with_a_budget_stops_and_reports_its_cost(tmp_path, capsys):
+  start = _lenet_macs(2, 4, 8, 8)   # a budget of the start's own MACs: the first round is refused
+  out = tmp_path / 'run'
+  argv = ['grow', '--start-widths', '2', '4', '8', '8', '--epochs', '3', '--batch-size', '128', '--lr', '0.05',
+          '--lr-decay-epochs', '2', '--lambda', '0.02', '--mu', '2', '--grow-every', '1', '--finetune-epochs', '1',
+          '--tau', '0.5', '--target-macs', str(start), '--out', str(out), '--quiet']
+  assert cli.main(argv) == 0
+  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['growth'] for r in rows] == ['stopped', 'stopped', 'finetune']
+  assert rows[0]['over_budget'] > start and all(not r['grown'] for r in rows)
+  assert json.loads((out / 'growth.json').read_text())['settings']['target_macs'] == start
+  summary = capsys.readouterr().out
+  examples = (data.dataset_info('digits').num_train // 128) * 128
+  ratio = 3 * start * examples * 3 / (3 * _lenet_macs(6, 16, 120, 84) * examples * 3)
+  assert f'Forward MACs {start:,} (budget {start:,})' in summary
+  assert f'{ratio:.2f} of the reference trained as long' in summary, summary
