@@ -7,7 +7,7 @@
                  [--out DIR] [--resume] [--seed 0] ...
   dessilbi train --dataset mnist1d          # the 1-D convnet with mnist1d's preset
   dessilbi ticket --run DIR --epoch E [--init rewind|reinit] [--epochs N]
-  dessilbi grow [--dataset digits] [--start-widths ...] [--tau 0.8] [--grow-every 10] [--out DIR]
+  dessilbi grow [--dataset digits] [--start-widths ...] [--tau 0.8] [--grow-every 10] [--target-macs M] [--out DIR]
   dessilbi compact --run DIR [--epoch E] --out DIR2
   dessilbi train --resume --out DIR [--epochs N] [--fall-back]
   dessilbi train --distributed [--coordinator-address HOST:PORT --num-processes N --process-id I] ...
@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
   grow.add_argument('--finetune-epochs', dest='finetune_epochs', type=int, default=None,
                     help='the last epochs, after growth, that fine-tune (digits 20, mnist1d 15)')
   grow.add_argument('--max-width', dest='max_width', type=int, default=None, help='no layer grows past this width')
+  grow.add_argument('--target-macs', dest='target_macs', type=float, default=None, metavar='M',
+                    help='a budget: grow until the next round would pass M forward MACs per example, then '
+                         'fine-tune; M in (0, 1] is a fraction of the reference widths\' MACs, M > 1 a count '
+                         '(e.g. 0.5 or 2e6)')
+  grow.add_argument('--reference-widths', dest='reference_widths', type=int, nargs='+', default=None,
+                    metavar='W', help='the reference of a fractional --target-macs and of the reported training '
+                                      'compute (default: the model\'s widths, those `dessilbi train` trains)')
   grow.add_argument('--reset-state', dest='reset_state', action='store_true',
                     help="the official code's growth: optimizer state restarted, new fan-out random")
   grow.add_argument('--no-augment', dest='augment', action='store_false', default=None,
@@ -284,6 +291,9 @@ def _grow(args, train) -> None:
   if args.resume:
     if args.out is None:
       raise ValueError('--resume needs --out DIR, the directory of the growth run to continue.')
+    if args.target_macs is not None or args.reference_widths is not None:
+      raise ValueError('--target-macs and --reference-widths are fixed when a growth run starts; --resume '
+                       f'continues with the budget in {args.out}/growth.json (leave them out).')
     base = train.load_config(args.out)
   else:
     base = growth.grow_preset(given.get('dataset', 'digits'))[0]
@@ -294,14 +304,23 @@ def _grow(args, train) -> None:
     settings, _ = growth.load_settings(args.out)
   else:
     cfg, settings = growth.grow_preset(given.pop('dataset', 'digits'), rule, **given)
+    if args.target_macs is not None:
+      settings = dataclasses.replace(settings, target_macs=growth.resolve_budget(cfg, args.target_macs,
+                                                                                 args.reference_widths))
   out = args.out or f'runs/grow-{cfg.model}-{cfg.dataset}-{time.strftime("%Y%m%d-%H%M%S")}'
   start = time.perf_counter()
   result = growth.grow(cfg, settings, out, resume=args.resume, reset_state=args.reset_state, quiet=args.quiet)
   last = result.history[-1]
   widths = ' '.join(str(w) for w in last['widths'].values())
+  cost = growth.training_cost(result.history, cfg, args.reference_widths)
+  budget = '' if settings.target_macs is None else f' (budget {settings.target_macs:,})'
   print(f'Done in {time.perf_counter() - start:.0f} s: grown from {" ".join(map(str, cfg.widths))} to {widths}; '
         f'test accuracy dense {100 * last["dense_test_acc"]:.1f}%, sparse {100 * last["sparse_test_acc"]:.1f}%. '
-        f'Wrote {out}/ (metrics.jsonl with the widths per epoch, plots/widths.png, checkpoints/).')
+        f'Forward MACs {last["macs"]:,}{budget}, {last["macs"] / cost["reference_macs"]:.2f} of the reference '
+        f'widths\'; training compute {cost["train_macs"]:.3g} MACs (3 × forward per example seen), '
+        f'{cost["train_macs"] / cost["reference_train_macs"]:.2f} of the reference trained as long '
+        f'({cost["reference_train_macs"]:.3g}); {cost["seconds"]:.0f} s in the epochs. '
+        f'Wrote {out}/ (metrics.jsonl with the widths and train_macs per epoch, plots/widths.png, checkpoints/).')
 
 
 def _compact(args) -> None:

@@ -39,6 +39,42 @@ def _same(a, b):
   return all(jax.tree.leaves(equal))
 
 
+def _lenet_macs(c1, c2, f1, f2, classes=10):
+  """LeNet-5 on 8×8 digits: conv 5×5 on 8×8 positions, conv 5×5 on 4×4, dense 2·2·c2 → f1 → f2 → classes."""
+  return 64 * 25 * c1 + 16 * 25 * c1 * c2 + 4 * c2 * f1 + f1 * f2 + f2 * classes
+
+
+def test_training_compute_is_three_forward_passes_per_example_seen(straight, tiny):
+  out, result = straight
+  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  examples = (data.dataset_info('digits').num_train // TINY['batch_size']) * TINY['batch_size']
+  total = 0
+  for row in rows:   # each epoch trains at the widths its row records (growth happens after the epoch)
+    forward = _lenet_macs(*row['widths'].values())
+    total += 3 * forward * examples
+    assert row['macs'] == forward and row['train_macs'] == total, row['epoch']
+  assert len({tuple(r['widths'].values()) for r in rows}) == 3   # three widths: the sum is not one width × epochs
+  cost = growth.training_cost(result.history, tiny)
+  assert cost['train_macs'] == total
+  assert cost['reference_macs'] == _lenet_macs(6, 16, 120, 84)
+  assert cost['reference_train_macs'] == 3 * _lenet_macs(6, 16, 120, 84) * examples * TINY['epochs']
+  assert cost['seconds'] == pytest.approx(sum(r['seconds'] for r in rows)) and cost['seconds'] > 0
+
+
+def test_a_budget_refuses_the_round_past_it_in_the_loop(one_epoch):
+  cfg, model, info, tx, state = one_epoch
+  cfg = dataclasses.replace(cfg, epochs=TINY['epochs'])   # epoch 1 of 3 is a check (of 1, it would fine-tune)
+  free = growth.growth_extension(growth.GrowthSettings(**RULE), echo=False).metrics(_epoch(cfg, model, tx, state, {}))
+  assert free['grown'], 'no layer saturates after one epoch: the test problem changed'
+  proposed = _lenet_macs(*(free['grown'].get(n, w) for n, w in free['widths'].items()))
+  for budget, grows in ((proposed, True), (proposed - 1, False)):
+    settings = growth.GrowthSettings(**RULE, target_macs=budget)
+    row = growth.growth_extension(settings, echo=False).metrics(_epoch(cfg, model, tx, state, {}))
+    assert row['grown'] == (free['grown'] if grows else {})
+    assert row['growth'] == ('growing' if grows else 'stopped')
+    assert row.get('over_budget') == (None if grows else proposed)
+
+
 def test_a_growth_run_widens_records_and_plots(straight):
   out, result = straight
   rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
@@ -130,6 +166,19 @@ def test_support_rates_count_units_with_a_weight_in_the_support(one_epoch):
     (['--grow-every', '50'], '--grow-every 50 is longer than the 40 epochs before fine-tuning'),
     (['--start-widths', '2', '6', '200', '28', '--max-width', '128'], 'has a width above --max-width 128'),
     (['--dataset', 'mnist', '--out', 'x'], "No growth preset for dataset 'mnist'"),
+    (['--target-macs', '0'], r'--target-macs must be a fraction in \(0, 1\] .* got 0.0'),
+    (['--target-macs', '-0.5'], r'--target-macs must be a fraction in \(0, 1\]'),
+    (['--target-macs', 'nan'], r'--target-macs must be a fraction in \(0, 1\] .* got nan'),
+    (['--target-macs', 'inf'], r'--target-macs must be a fraction in \(0, 1\]'),
+    (['--target-macs', '2.5'], r'--target-macs 2.5 is above 1, so a count of MACs, and must be a whole number'),
+    (['--target-macs', '0.5', '--reference-widths', '6'], r'--target-macs 0.5 is a fraction .* no reference at '
+                                                          r'widths \[6\]'),
+    # The preset starts at 2 6 40 28: 64·25·2 + 16·25·2·6 + 24·40 + 40·28 + 28·10 = 10,360 MACs.
+    (['--target-macs', '10000'], r"--target-macs is 10,000 MACs, below the starting network's 10,360"),
+    # The reference 6 16 120 84: 9,600 + 38,400 + 7,680 + 10,080 + 840 = 66,600 MACs; a tenth of it is 6,660.
+    (['--target-macs', '0.1'], r"--target-macs is 6,660 MACs, below the starting network's 10,360"),
+    (['--resume', '--target-macs', '0.5'], r'--target-macs and --reference-widths are fixed when a growth run '
+                                           r'starts'),
 ])
 def test_bad_growth_flags_get_one_clear_line(argv, message, tmp_path, capsys):
   assert cli.main(['grow', '--out', str(tmp_path / 'run'), *argv]) == 1
@@ -137,3 +186,21 @@ def test_bad_growth_flags_get_one_clear_line(argv, message, tmp_path, capsys):
   assert 'dessilbi grow: error:' in err
   assert re.search(message, err), err
   assert not (tmp_path / 'run').exists()
+
+
+def test_grow_with_a_budget_stops_and_reports_its_cost(tmp_path, capsys):
+  start = _lenet_macs(2, 4, 8, 8)   # a budget of the start's own MACs: the first round is refused
+  out = tmp_path / 'run'
+  argv = ['grow', '--start-widths', '2', '4', '8', '8', '--epochs', '3', '--batch-size', '128', '--lr', '0.05',
+          '--lr-decay-epochs', '2', '--lambda', '0.02', '--mu', '2', '--grow-every', '1', '--finetune-epochs', '1',
+          '--tau', '0.5', '--target-macs', str(start), '--out', str(out), '--quiet']
+  assert cli.main(argv) == 0
+  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['growth'] for r in rows] == ['stopped', 'stopped', 'finetune']
+  assert rows[0]['over_budget'] > start and all(not r['grown'] for r in rows)
+  assert json.loads((out / 'growth.json').read_text())['settings']['target_macs'] == start
+  summary = capsys.readouterr().out
+  examples = (data.dataset_info('digits').num_train // 128) * 128
+  ratio = 3 * start * examples * 3 / (3 * _lenet_macs(6, 16, 120, 84) * examples * 3)
+  assert f'Forward MACs {start:,} (budget {start:,})' in summary
+  assert f'{ratio:.2f} of the reference trained as long' in summary, summary

@@ -92,3 +92,40 @@ def test_bad_layers_are_named():
     next_widths({'a': Layer(8, 0.5, 'conv')}, GrowthSettings(tau_per_layer={'b': 0.5}))
   with pytest.raises(ValueError, match="width of 'a' must be an integer >= 1"):
     next_widths({'a': Layer(0, 0.5, 'conv')}, GrowthSettings())
+
+
+def _lenet_convs_macs(widths):
+  """The two convs of LeNet-5 on 8×8 digits: 64 positions × 5·5·1·a + 16 positions × 5·5·a·b."""
+  return 64 * 25 * widths['a'] + 16 * 25 * widths['a'] * widths['b']
+
+
+def _rounds(settings, start, rates, n):
+  widths, seen = dict(start), [tuple(start.values())]
+  for _ in range(n):
+    widths = next_widths({k: Layer(w, rates[k], 'conv') for k, w in widths.items()}, settings, _lenet_convs_macs)
+    seen.append(tuple(widths.values()))
+  return seen
+
+
+def test_a_budget_stops_before_the_round_that_would_pass_it():
+  # MACs of (2, 6), (4, 8), (6, 10), (8, 12): 8,000, 19,200, 33,600, 51,200.
+  s = dict(min_add={'conv': 2})
+  saturated = {'a': 1.0, 'b': 1.0}
+  assert _rounds(GrowthSettings(**s), {'a': 2, 'b': 6}, saturated, 3) == [(2, 6), (4, 8), (6, 10), (8, 12)]
+  assert _rounds(GrowthSettings(**s, target_macs=40_000), {'a': 2, 'b': 6}, saturated, 4) == [
+      (2, 6), (4, 8), (6, 10), (6, 10), (6, 10)]
+  # The budget is inclusive: a round costing exactly the budget is taken.
+  assert _rounds(GrowthSettings(**s, target_macs=33_600), {'a': 2, 'b': 6}, saturated, 3)[-1] == (6, 10)
+  assert _rounds(GrowthSettings(**s, target_macs=33_599), {'a': 2, 'b': 6}, saturated, 3)[-1] == (4, 8)
+  # Only b saturates: each round +2 on b costs 16·25·2·2 = 1,600: (2, 8) 9,600, (2, 10) 11,200, (2, 12) 12,800.
+  assert _rounds(GrowthSettings(**s, target_macs=12_000), {'a': 2, 'b': 6}, {'a': 0.1, 'b': 0.9}, 3) == [
+      (2, 6), (2, 8), (2, 10), (2, 10)]
+
+
+def test_a_budget_needs_macs_and_a_count():
+  for rate in (1.0, 0.0):   # even where no round is proposed: the error shows at the first check
+    with pytest.raises(ValueError, match='`target_macs` is set, so next_widths needs `macs`'):
+      next_widths({'a': Layer(2, rate, 'conv')}, GrowthSettings(target_macs=10))
+  for bad in (0, -5, 2.5, True, math.nan):
+    with pytest.raises(ValueError, match='`target_macs` must be an integer >= 1'):
+      GrowthSettings(target_macs=bad)

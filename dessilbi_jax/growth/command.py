@@ -6,18 +6,32 @@ with narrower start widths and the rule's settings), trains with the growth
 extension, writes the run directory of ``dessilbi train`` plus ``growth.json``
 (the rule's settings, so that ``--resume`` continues the same run) and
 ``plots/widths.png``.
+
+A budget (``dessilbi grow --target-macs M``) is resolved by
+:func:`resolve_budget`: ``M`` in (0, 1] is a fraction of the reference
+network's forward MACs (the model at its reference widths, those ``dessilbi
+train`` trains, or ``reference_widths``), ``M ≥ 1`` an absolute count; it
+becomes ``GrowthSettings.target_macs``. :func:`training_cost` gives the grown
+run's training compute and wall time beside the reference's (trained for the
+same epochs: ``3 · MACs_ref · examples``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import numbers
 import pathlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from dessilbi_jax.train import plots
+from dessilbi_jax import data
+from dessilbi_jax import models
 from dessilbi_jax import train
+from dessilbi_jax.train import plots
 from dessilbi_jax.growth.extension import growth_extension
+from dessilbi_jax.growth.extension import training_macs
 from dessilbi_jax.growth.rule import GrowthSettings
 
 GROW_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -53,6 +67,60 @@ def grow_preset(dataset: str = 'digits', settings: Optional[Mapping[str, Any]] =
   return cfg, GrowthSettings(**{**rule, **(settings or {})})
 
 
+def forward_macs(cfg: train.TrainConfig, widths=None) -> int:
+  """MACs of one example's forward pass through ``cfg``'s model (at ``widths``; shapes only)."""
+  model, info = train.build_model(cfg, widths)
+  return models.count_flops(model, info.input_shape)
+
+
+def reference_config(cfg: train.TrainConfig, reference_widths=None) -> train.TrainConfig:
+  """``cfg`` at the reference widths: ``reference_widths``, else the model's own (those of ``dessilbi train``)."""
+  return dataclasses.replace(cfg, widths=None if reference_widths is None else tuple(reference_widths),
+                             layer_widths=None)
+
+
+def resolve_budget(cfg: train.TrainConfig, target_macs, reference_widths=None) -> int:
+  """The budget in forward MACs of one example: a fraction in (0, 1] of the reference's, or a count ≥ 1.
+
+  Example::
+
+    >>> from dessilbi_jax import growth
+    >>> cfg, _ = growth.grow_preset('digits')
+    >>> growth.resolve_budget(cfg, 0.5) == growth.forward_macs(growth.reference_config(cfg)) // 2
+    True
+    >>> growth.resolve_budget(cfg, 2e6)
+    2000000
+  """
+  if (not isinstance(target_macs, numbers.Real) or isinstance(target_macs, bool) or not math.isfinite(target_macs)
+      or target_macs <= 0):
+    raise ValueError(f'--target-macs must be a fraction in (0, 1] of the reference network\'s MACs or a count '
+                     f'>= 1 (e.g. --target-macs 0.5 or --target-macs 2e6), got {target_macs!r}.')
+  if target_macs > 1:
+    if target_macs != math.floor(target_macs):
+      raise ValueError(f'--target-macs {target_macs!r} is above 1, so a count of MACs, and must be a whole number.')
+    return int(target_macs)
+  try:
+    reference = forward_macs(reference_config(cfg, reference_widths))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'--target-macs {target_macs!r} is a fraction of the reference network\'s MACs, but '
+                     f'{cfg.model} has no reference at widths {reference_widths} ({e}); give a count of MACs '
+                     f'(e.g. --target-macs 2e6) or valid --reference-widths.') from None
+  return max(1, math.floor(target_macs * reference))
+
+
+def training_cost(history, cfg: train.TrainConfig, reference_widths=None) -> dict[str, float]:
+  """The grown run's training compute and wall time, and the reference's MACs for the same epochs.
+
+  ``train_macs`` is the last row's (Σ over epochs of ``3 · MACs(widths of the
+  epoch) · examples``), ``seconds`` the sum of the epochs' wall times;
+  ``reference_train_macs = 3 · MACs_ref · examples per epoch · epochs``.
+  """
+  examples = data.steps_per_epoch(cfg.dataset, cfg.batch_size) * cfg.batch_size
+  reference = forward_macs(reference_config(cfg, reference_widths))
+  return {'train_macs': history[-1]['train_macs'], 'seconds': sum(r['seconds'] for r in history),
+          'reference_macs': reference, 'reference_train_macs': training_macs(reference, examples * len(history))}
+
+
 def check_settings(cfg: train.TrainConfig, settings: GrowthSettings) -> None:
   """Errors before any work: the run must have room for growth and for fine-tuning."""
   if settings.finetune_epochs >= cfg.epochs:
@@ -65,6 +133,12 @@ def check_settings(cfg: train.TrainConfig, settings: GrowthSettings) -> None:
   if cfg.widths is not None and settings.max_width is not None and max(cfg.widths) > settings.max_width:
     raise ValueError(f'--start-widths {" ".join(map(str, cfg.widths))} has a width above --max-width '
                      f'{settings.max_width}.')
+  if settings.target_macs is not None:
+    start = forward_macs(cfg)
+    if settings.target_macs < start:
+      raise ValueError(f'--target-macs is {settings.target_macs:,} MACs, below the starting network\'s '
+                       f'{start:,} (--start-widths {" ".join(map(str, cfg.widths or ()))}): raise the budget or '
+                       f'start narrower.')
 
 
 def load_settings(run_dir) -> tuple[GrowthSettings, bool]:

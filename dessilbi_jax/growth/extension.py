@@ -18,10 +18,19 @@ comparison: after every growth the optimizer state restarts from zero, the
 new units' fan-out into the next layer is random and the batch statistics
 restart, so growth changes the function.
 
+With a budget (``GrowthSettings.target_macs``) the rule counts the network of
+the widths it proposes (:func:`dessilbi_jax.models.count_flops` of the widened
+model, traced with ``jax.eval_shape``: nothing is allocated) and stops before
+a round past the budget.
+
 Every epoch's row of ``metrics.jsonl`` gains ``widths`` (per growable layer),
 ``support_rate`` (at checks), ``grown`` (the layers widened at this epoch,
-with their new widths) and ``growth`` (``'growing'``, ``'stopped'`` or
-``'finetune'``).
+with their new widths), ``growth`` (``'growing'``, ``'stopped'`` or
+``'finetune'``), ``over_budget`` (at the check whose round the budget
+refused: that round's MACs), ``macs`` (forward MACs of one example at the
+epoch's widths) and ``train_macs``, the training compute so far
+(:func:`training_macs`, summed over the epochs). The wall time of an epoch is
+the row's ``seconds``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dessilbi_jax import data
+from dessilbi_jax import models
 from dessilbi_jax import structure
 from dessilbi_jax.structure import masks
 from dessilbi_jax.growth.rule import GrowthSettings, Layer, next_widths
@@ -44,6 +54,25 @@ from dessilbi_jax.train import extensions as ext
 from dessilbi_jax.train import steps
 
 NAME = 'growth'
+
+# Forward and backward of one training example: the backward pass costs two forward passes (the gradients
+# of the activations and of the weights), the standard count (Kaplan et al. 2020, Hoffmann et al. 2022).
+MACS_PER_FORWARD = 3
+
+
+def training_macs(forward_macs: int, examples: int) -> int:
+  """Multiply-accumulates of training on ``examples`` examples: ``3 · forward_macs · examples``.
+
+  Forward and backward, with the standard count backward ≈ 2 × forward;
+  optimizer updates, normalization and activations are left out.
+
+  Example::
+
+    >>> from dessilbi_jax.growth import training_macs
+    >>> training_macs(10_360, 1_000)   # LeNet-5 at widths 2 6 40 28 on 1,000 digits
+    31080000
+  """
+  return MACS_PER_FORWARD * int(forward_macs) * int(examples)
 
 
 def growable_layers(unit_map: structure.UnitMap, params) -> dict[str, str]:
@@ -92,7 +121,11 @@ def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, ech
     unit_map = _unit_map(epoch.model, epoch.state, cfg)
     kinds = growable_layers(unit_map, epoch.state.params)
     widths = {name: unit_map[name].size for name in kinds}
-    row: dict[str, Any] = {'widths': widths, 'grown': {}}
+    input_shape = unit_map.input_shape
+    forward = models.count_flops(epoch.model, input_shape)
+    before = epoch.history[-1].get('train_macs', 0) if epoch.history else 0
+    row: dict[str, Any] = {'widths': widths, 'grown': {}, 'macs': forward,
+                           'train_macs': before + training_macs(forward, epoch.steps_per_epoch * cfg.batch_size)}
     stopped = any(r.get('growth') == 'stopped' for r in epoch.history)
     growing_until = cfg.epochs - settings.finetune_epochs
     if epoch.epoch > growing_until:
@@ -105,7 +138,13 @@ def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, ech
     if not settings.is_check(epoch.epoch):
       return row
     rates = support_rates(unit_map, epoch.state.opt_state, kinds)
-    new = next_widths({n: Layer(widths[n], rates[n], kinds[n]) for n in kinds}, settings)
+    layers = {n: Layer(widths[n], rates[n], kinds[n]) for n in kinds}
+    macs = lambda new: _widened_macs(epoch.model, epoch.state, unit_map, widths, new)
+    new = next_widths(layers, settings, macs)
+    if settings.target_macs is not None:
+      proposed = next_widths(layers, dataclasses.replace(settings, target_macs=None))
+      if proposed != new:
+        row['over_budget'] = macs(proposed)
     row['support_rate'] = rates
     row['grown'] = {n: w for n, w in new.items() if w != widths[n]}
     if not row['grown']:
@@ -147,6 +186,19 @@ def growth_extension(settings: GrowthSettings, *, reset_state: bool = False, ech
     return ext.Reshaped(state=jax.device_get(new_state), **steps.model_fields(model))
 
   return ext.Extension(NAME, metrics=decide, epoch_end=epoch_end)
+
+
+def _widened_macs(model, state, unit_map, widths, new) -> int:
+  """Forward MACs of ``model`` widened from ``widths`` to ``new`` (shapes only: ``jax.eval_shape``)."""
+  built = {}
+
+  def widened(variables, key):
+    built['model'], wide, _ = structure.widen(model, variables, unit_map,
+                                              {n: new[n] - widths[n] for n in new if new[n] != widths[n]}, key)
+    return wide
+
+  jax.eval_shape(widened, steps.variables(state.params, state.batch_stats), jax.random.key(0))
+  return models.count_flops(built['model'], unit_map.input_shape)
 
 
 _MAPS: dict = {}

@@ -12,6 +12,13 @@ with ``f = 1.1`` and ``a = 8`` for plain conv (VGG-style) and dense layers,
 check where no layer grows (a layer at its cap does not count as growing);
 fine-tuning follows.
 
+With a budget (``target_macs``, multiply-accumulates of one forward pass of
+one example) growth also stops at the first round whose widths would cost
+more: that round is not taken (no layer of it grows), the widths stay and
+fine-tuning follows. The rule asks ``macs(widths)`` of the caller (the
+extension counts the network of those widths with
+:func:`dessilbi_jax.models.count_flops`).
+
 Example::
 
   >>> from dessilbi_jax.growth import GrowthSettings, Layer, next_widths
@@ -20,6 +27,15 @@ Example::
   ...           'block_3': Layer(40, rate=0.85, kind='block')}
   >>> next_widths(layers, GrowthSettings())
   {'Conv_0': 24, 'Conv_1': 16, 'block_3': 44}
+
+With a budget, a round that would pass it is not taken::
+
+  >>> chain = lambda w: 10 * w['a'] + w['a'] * w['b']   # the MACs of a two-layer chain
+  >>> two = {'a': Layer(8, rate=1.0), 'b': Layer(8, rate=1.0)}
+  >>> next_widths(two, GrowthSettings(target_macs=500), macs=chain)   # 16·10 + 16·16 = 416
+  {'a': 16, 'b': 16}
+  >>> next_widths(two, GrowthSettings(target_macs=400), macs=chain)
+  {'a': 8, 'b': 8}
 """
 
 from __future__ import annotations
@@ -28,7 +44,7 @@ import dataclasses
 import fractions
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple, Optional
 
 KINDS = ('conv', 'block', 'dense')
@@ -59,6 +75,8 @@ class GrowthSettings:
     max_width: a cap on every layer's width (None: no cap).
     max_width_per_layer: caps for named layers, overriding ``max_width``.
     grow_dense: whether dense layers grow at all.
+    target_macs: the budget, an absolute number of forward MACs of one
+      example (None: none); growth stops before the first round past it.
   """
   tau: float = 0.8
   tau_per_layer: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -69,6 +87,7 @@ class GrowthSettings:
   max_width: Optional[int] = None
   max_width_per_layer: Mapping[str, int] = dataclasses.field(default_factory=dict)
   grow_dense: bool = True
+  target_macs: Optional[int] = None
 
   def __post_init__(self):
     for name, tau in [('tau', self.tau)] + [(f'tau_per_layer[{k!r}]', v) for k, v in self.tau_per_layer.items()]:
@@ -88,6 +107,8 @@ class GrowthSettings:
       _check_int('`max_width`', self.max_width, minimum=1)
     for name, cap in self.max_width_per_layer.items():
       _check_int(f'`max_width_per_layer[{name!r}]`', cap, minimum=1)
+    if self.target_macs is not None:
+      _check_int('`target_macs`', self.target_macs, minimum=1)
 
   def tau_of(self, name: str) -> float:
     return self.tau_per_layer.get(name, self.tau)
@@ -109,12 +130,16 @@ def grown_width(width: int, kind: str, settings: GrowthSettings, name: str = '')
   return new if cap is None else min(new, cap)
 
 
-def next_widths(layers: Mapping[str, Layer], settings: GrowthSettings) -> dict[str, int]:
+def next_widths(layers: Mapping[str, Layer], settings: GrowthSettings,
+                macs: Optional[Callable[[Mapping[str, int]], int]] = None) -> dict[str, int]:
   """The widths after a check: layers at ``rate ≥ τ`` grow, all others keep theirs.
 
   Args:
     layers: per growable layer (by name), its width, support rate and kind.
     settings: the rule's settings.
+    macs: ``{name: width} -> MACs`` of the network of those widths; needed
+      with ``settings.target_macs``: a round with ``macs(new) > target_macs``
+      is not taken (the input widths come back: growth stops).
 
   Returns:
     ``{name: new width}`` for every layer; growth has stopped when it equals
@@ -146,6 +171,13 @@ def next_widths(layers: Mapping[str, Layer], settings: GrowthSettings) -> dict[s
       raise ValueError(f'growth: the support rate of {name!r} must be in [0, 1], got {rate!r}.')
     grows = rate >= settings.tau_of(name) and (kind != 'dense' or settings.grow_dense)
     widths[name] = grown_width(width, kind, settings, name) if grows else width
+  if settings.target_macs is not None:
+    if macs is None:
+      raise ValueError('growth: `target_macs` is set, so next_widths needs `macs`, the MACs of a network '
+                       'of given widths.')
+    unchanged = {name: layer.width for name, layer in layers.items()}
+    if widths != unchanged and macs(widths) > settings.target_macs:
+      return unchanged
   return widths
 
 
