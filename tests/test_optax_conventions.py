@@ -59,15 +59,13 @@ def test_converges_on_a_parabola():
   loss = lambda p: jnp.sum((p['w'] - target) ** 2)
   tx = dl.dessilbi(0.1, mu=1.0, momentum=0.0, lambdas=1.0)
   params = {'w': jnp.array([[-1.0, 10.0, 0.3]])}
-  state = tx.init(params)
 
-  @jax.jit
-  def step(params, state):
+  def body(_, carry):   # the whole run in one jax.lax.fori_loop
+    params, state = carry
     updates, state = tx.update(jax.grad(loss)(params), state, params)
     return optax.apply_updates(params, updates), state
 
-  for _ in range(300):
-    params, state = step(params, state)
+  params, state = jax.jit(lambda carry: jax.lax.fori_loop(0, 300, body, carry))((params, tx.init(params)))
   chex.assert_trees_all_close(params['w'], target, atol=2e-2)
   np.testing.assert_array_equal(dl.support(state)['w'], [[True, True, False]])
 

@@ -973,3 +973,29 @@ def test_update_without_params_raises():
   tx = dl.dessilbi(0.1)
   with pytest.raises(ValueError, match='needs `params`'):
     tx.update(params, tx.init(params))
+
+
+def test_weight_decay_mask_chooses_the_decayed_leaves():
+  """One step, β = 0: W_1 − W_0 = −α·κ·(g + ω·W_0) on a decayed leaf without structure (Γ_0 = Z_0 = 0:
+  the coupling adds α·κ·W_0/ν on structured ones), −α·κ·g on the others; the default is the rank rule."""
+  params = {'dense': {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full(2, 3.0)}}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+  hyper = dict(kappa=2.0, mu=4.0, momentum=0.0, weight_decay=0.1)
+  step = lambda **kw: dl.dessilbi(0.1, **hyper, **kw).update(grads, dl.dessilbi(0.1, **hyper, **kw).init(params),
+                                                             params)[0]['dense']
+  coupling = 0.1 * 2.0 * 2.0 / 4.0
+  default = step()
+  np.testing.assert_allclose(default['kernel'], -0.1 * 2.0 * (0.5 + 0.1 * 2.0) - coupling, rtol=1e-6)
+  np.testing.assert_allclose(default['bias'], -0.1 * 2.0 * 0.5, rtol=1e-6)
+  every = step(weight_decay_mask=lambda p: jax.tree.map(lambda _: True, p))
+  np.testing.assert_allclose(every['bias'], -0.1 * 2.0 * (0.5 + 0.1 * 3.0), rtol=1e-6)
+  np.testing.assert_array_equal(every['kernel'], default['kernel'])
+  none = step(weight_decay_mask={'dense': False})   # a prefix of the params
+  np.testing.assert_allclose(none['kernel'], -0.1 * 2.0 * 0.5 - coupling, rtol=1e-6)
+  np.testing.assert_array_equal(none['bias'], default['bias'])
+  rank_rule = step(weight_decay_mask={'dense': {'kernel': True, 'bias': False}})
+  chex.assert_trees_all_equal(rank_rule, default)
+  with pytest.raises(TypeError, match='`weight_decay_mask` must hold True or False'):
+    step(weight_decay_mask={'dense': 'yes'})
+  with pytest.raises(ValueError, match='`weight_decay_mask` must be a pytree of bools shaped like the params'):
+    step(weight_decay_mask={'conv': True})

@@ -41,13 +41,6 @@ def test_budget_threshold_edges():
     target_density.budget_threshold([np.ones(2), np.ones(2)], [1], 1)
 
 
-def test_dual_ascent_step():
-  lam = np.array([0.5, 0.01, 1.0])
-  density = np.array([0.4, 0.1, 0.3])
-  out = np.asarray(target_density.dual_ascent(lam, density, 0.3, rate=0.2, lam_min=0.05))
-  np.testing.assert_allclose(out, np.maximum(0.05, lam + 0.2 * (density - 0.3)), rtol=1e-6)
-
-
 # -- dl.dessilbi(target_density=...) -------------------------------------------------------------
 
 import jax

@@ -48,6 +48,7 @@ from typing import Any, Optional, Union
 
 import jax
 import numpy as np
+import optax
 
 KINDS = ('lasso', 'filter', 'neuron', 'input', 'head')
 
@@ -156,6 +157,11 @@ def _validate(kind: GroupKind, path: str, leaf) -> GroupKind:
         f'Group kind {kind!r} does not fit leaf {path!r} of shape {np.shape(leaf)}: '
         f'{kind!r} is for {_FITS_TEXT[kind]}. Pick another kind for it in `groups`.')
   return kind
+
+
+def is_placeholder(x) -> bool:
+  """Whether a state leaf stands for no array: ``None`` (a leaf without structure) or ``optax.MaskedNode``."""
+  return x is None or isinstance(x, optax.MaskedNode)
 
 
 def resolve_kinds(params, groups: GroupsRule = None):

@@ -7,7 +7,7 @@ https://arxiv.org/abs/1905.09449.
 One step k -> k+1 (notation of ``docs/ALGORITHM.md``; α the learning rate, κ
 ``kappa``, ν ``mu``, β ``momentum``, ω ``weight_decay``)::
 
-  b_k     = β·b_{k−1} + g_k + ω·W_k            (ω only on leaves of rank >= 2)
+  b_k     = β·b_{k−1} + g_k + ω·W_k            (ω on the leaves weight_decay_mask picks: rank >= 2)
   d_k     = b_k                                 (Nesterov: g_k + ω·W_k + β·b_k)
   W_{k+1} = W_k − α·κ·(d_k + (W_k − Γ_k)/ν)     (leaves without structure: W_k − α·κ·d_k)
   Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
 import chex
@@ -184,8 +184,8 @@ def _unordered(x, written):
   return x
 
 
-def leaf_update(g, b, w, z, gam, scale, entry, kind, made=None, *, hyper: _StepHyper, after=_unordered,
-                store_gamma: bool = True):
+def leaf_update(g, b, w, z, gam, scale, entry, kind, made=None, decay=None, *, hyper: _StepHyper,
+                after=_unordered, store_gamma: bool = True):
   """One leaf's step k -> k+1 (docs/ALGORITHM.md); returns ``(W_{k+1} − W_k, b_k, Z_{k+1}, Γ_{k+1}, s, entry, made)``.
 
   ``kind`` is the leaf's group kind (``None``: no structure variable). ``after(x,
@@ -193,16 +193,18 @@ def leaf_update(g, b, w, z, gam, scale, entry, kind, made=None, *, hyper: _StepH
   orders the writes of ``Z``, ``W`` and ``Γ`` on the CPU, without changing a bit.
   A lean state (``store_gamma=False``) has ``gam`` ``None`` and returns ``Γ_{k+1}``
   ``None``; ``made`` is ``(κ, λ)`` of ``Γ_k`` on its lasso leaves (else ``None``).
+  ``decay``: whether ω applies to the leaf (``None``: on leaves of rank >= 2).
   """
   lam = None if kind is None else _lambda(hyper.lambdas[kind], b.dtype)
-  step, b, z, norms = coupled_update(g, b, w, z, gam, scale, kind, lam, made, hyper=hyper, after=after)
+  step, b, z, norms = coupled_update(g, b, w, z, gam, scale, kind, lam, made, decay, hyper=hyper, after=after)
   if kind is None:
     return step, b, None, None, None, None, None
   lam = after(lam, w + step)                              # Γ written after W
   return (step, b, z, *structure_update(z, norms, entry, kind, lam, hyper=hyper, store_gamma=store_gamma))
 
 
-def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, *, hyper: _StepHyper, after=_unordered):
+def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, decay=None, *, hyper: _StepHyper,
+                   after=_unordered):
   """The momentum, ``W`` and ``Z`` of one leaf's step; returns ``(W_{k+1} − W_k, b_k, Z_{k+1}, ‖Z_{k+1,g}‖)``.
 
   ``lam`` is the λ that made ``Γ_k`` (``Z`` and the norms are ``None`` without structure).
@@ -212,7 +214,8 @@ def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, *, hyper: _Step
   h = hyper
   param_dtype, dtype = jnp.result_type(w), b.dtype
   g, w = g.astype(dtype), w.astype(dtype)
-  grad = g + h.weight_decay * w if (w.ndim >= 2 and not _is_zero(h.weight_decay)) else g
+  decay = w.ndim >= 2 if decay is None else decay
+  grad = g + h.weight_decay * w if (decay and not _is_zero(h.weight_decay)) else g
   b = h.momentum * b + grad                               # b_k = β·b_{k−1} + g_k + ω·W_k
   d = grad + h.momentum * b if h.nesterov else b          # d_k
   if kind is None:                                        # W_{k+1} = W_k − α·κ·d_k
@@ -310,10 +313,6 @@ def _lasso_gamma(z, kappa, lam):
   return prox.shrink_groups(z, 'lasso', prox.group_norms(z, 'lasso'), lam, kappa)[0]
 
 
-def _is_placeholder(x) -> bool:
-  return x is None or isinstance(x, optax.MaskedNode)
-
-
 def gamma_of(state: DessiLBIState):
   """``Γ`` of one :class:`DessiLBIState`: the stored tree, or rebuilt from a lean state's ``Z``.
 
@@ -326,13 +325,13 @@ def gamma_of(state: DessiLBIState):
     return state.gamma
 
   def leaf(z, scale, kappa, lam):
-    if _is_placeholder(z):   # no structure variable, or masked out
+    if grouping.is_placeholder(z):   # no structure variable, or masked out
       return z
     if scale is not None:    # grouped: the product structure_update stored
       return z * scale
     return _lasso_gamma(z, kappa, lam)
 
-  return jax.tree.map(leaf, state.z, state.gamma_scale, state.gamma_kappa, state.gamma_lambda, is_leaf=_is_placeholder)
+  return jax.tree.map(leaf, state.z, state.gamma_scale, state.gamma_kappa, state.gamma_lambda, is_leaf=grouping.is_placeholder)
 
 
 def _as_arrays(tree):
@@ -386,6 +385,7 @@ def dessilbi(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    weight_decay_mask: Union[None, Any, Callable[[Any], Any]] = None,
     groups: grouping.GroupsRule = None,
     lambdas: Union[None, float, Mapping[str, float]] = None,
     normalize_groups: bool = False,
@@ -409,7 +409,12 @@ def dessilbi(
     mu: ν > 0, the coupling strength between W and Γ (larger: looser).
     momentum: β in [0, 1), heavy-ball momentum on the loss gradient.
     nesterov: use Nesterov's variant of the momentum.
-    weight_decay: ω >= 0, L2 decay added to the gradient of leaves of rank >= 2.
+    weight_decay: ω >= 0, L2 decay added to the gradient (of the leaves
+      ``weight_decay_mask`` chooses).
+    weight_decay_mask: which leaves ω decays, as in ``optax.add_decayed_weights``:
+      a pytree of bools shaped like the params (a prefix of them), or a
+      callable of the params that returns one. ``None`` (default): leaves of
+      rank >= 2 (kernels, not biases or norm scales).
     groups: the grouping rule (:mod:`dessilbi_jax.core.grouping`); ``None`` is the
       reference rule: conv kernels -> ``filter``, 2-D -> ``lasso``, else none.
     lambdas: λ >= 0 of the proximal map: one number for every kind or a
@@ -453,7 +458,8 @@ def dessilbi(
   ``kappa``, ``mu``, ``momentum``, ``weight_decay``, a single ``lambdas``)
   becomes part of the state; a callable ``groups`` or a ``state_dtype`` such
   as ``jnp.float32`` is callable too, so name it in ``static_args``:
-  ``optax.inject_hyperparams(dl.dessilbi, static_args=('groups', 'state_dtype'))``.
+  ``optax.inject_hyperparams(dl.dessilbi, static_args=('groups', 'state_dtype'))``
+  (likewise a callable ``weight_decay_mask``).
 
   Example::
 
@@ -526,14 +532,15 @@ def dessilbi(
         lambdas=lambda_of, normalize=normalize_groups, count=optax.safe_increment(state.count))
     treedef = jax.tree.structure(params)
     kinds = treedef.flatten_up_to(kinds)
+    decays = _decay_leaves(params, treedef)
     leaves = list(zip(*[treedef.flatten_up_to(t) for t in (
         updates, state.trace, params, state.z, state.gamma, state.gamma_scale, state.entry_step)]))
     made = _made_leaves(state, treedef)
     ordered = cpu_schedule.wanted(ordering_edges, jax.tree.leaves(params))
     if target is not None:
-      return _targeted_update(leaves, kinds, made, treedef, state, hyper, ordered)
+      return _targeted_update(leaves, kinds, made, decays, treedef, state, hyper, ordered)
     step = functools.partial(leaf_update, hyper=hyper, store_gamma=store_gamma)
-    leaves = [args + (kind, m) for args, kind, m in zip(leaves, kinds, made)]
+    leaves = [args + (kind, m, d) for args, kind, m, d in zip(leaves, kinds, made, decays)]
     if ordered:
       results = cpu_schedule.update_in_order(step, leaves, kinds)
     else:
@@ -542,6 +549,22 @@ def dessilbi(
     step, b, z, gam, scale, entry = (treedef.unflatten(list(f)) for f in fields[:6])
     return step, DessiLBIState(count=hyper.count, trace=b, z=z, gamma=gam, gamma_scale=scale, entry_step=entry,
                                **_made_fields(fields[6], treedef))
+
+  def _decay_leaves(params, treedef):
+    """Per leaf, whether ω decays it (``None``: the rank rule)."""
+    if weight_decay_mask is None:
+      return [None] * treedef.num_leaves
+    mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+    try:
+      flags = treedef.flatten_up_to(jax.tree.map(
+          lambda m, p: jax.tree.map(lambda _: m, p), mask, params, is_leaf=lambda x: isinstance(x, (bool, np.bool_))))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'`weight_decay_mask` must be a pytree of bools shaped like the params (or a prefix), '
+                       f'or a callable of the params returning one: {e}') from e
+    for flag in flags:
+      if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f'`weight_decay_mask` must hold True or False per leaf, got {flag!r}.')
+    return [bool(f) for f in flags]
 
   def _made_leaves(state, treedef):
     """Per leaf, ``(κ, λ)`` of a lean state's lasso ``Γ_k``, else ``None``."""
@@ -557,13 +580,13 @@ def dessilbi(
     return dict(gamma_kappa=treedef.unflatten([None if m is None else m[0] for m in made]),
                 gamma_lambda=treedef.unflatten([None if m is None else m[1] for m in made]))
 
-  def _targeted_update(leaves, kinds, made, treedef, state, hyper, ordered):
+  def _targeted_update(leaves, kinds, made, decays, treedef, state, hyper, ordered):
     """The step with λ steered to the target: W and Z of every leaf, then λ from all norms, then Γ."""
     thresholds = treedef.flatten_up_to(state.threshold)
     dtypes = [jnp.result_type(b) for _, b, *_ in leaves]
     lam_of = lambda kind, t, dtype: _lambda(targets.effective_lambda(lambda_of[kind], t, target.method), dtype)
-    coupled_leaves = [(g, b, w, z, gam, scale, kind, None if kind is None else lam_of(kind, t, b.dtype), m)
-                      for (g, b, w, z, gam, scale, _), kind, t, m in zip(leaves, kinds, thresholds, made)]
+    coupled_leaves = [(g, b, w, z, gam, scale, kind, None if kind is None else lam_of(kind, t, b.dtype), m, d)
+                      for (g, b, w, z, gam, scale, _), kind, t, m, d in zip(leaves, kinds, thresholds, made, decays)]
     coupled = functools.partial(coupled_update, hyper=hyper)
     if ordered:
       results = cpu_schedule.update_in_order(coupled, coupled_leaves, kinds, chain_on=2)

@@ -36,10 +36,6 @@ except ImportError:   # flax is only needed for its nnx Variables
   _nnx = None
 
 
-def _is_placeholder(x) -> bool:
-  return x is None or isinstance(x, optax.MaskedNode)
-
-
 def _as_arrays(tree):
   """An nnx optimizer or model, or a tree of nnx Variables, as plain arrays (``nnx.as_pure``)."""
   if _nnx is None:
@@ -70,9 +66,9 @@ def _merge(trees, path=()):
   a transformation does not apply, also for whole subtrees (a mask given as a
   prefix of the params); what is set nowhere comes back ``None``.
   """
-  present = [t for t in trees if not _is_placeholder(t)]
+  present = [t for t in trees if not grouping.is_placeholder(t)]
   if len(present) <= 1:
-    return jax.tree.map(lambda x: None if _is_placeholder(x) else x, present[0], is_leaf=_is_placeholder) \
+    return jax.tree.map(lambda x: None if grouping.is_placeholder(x) else x, present[0], is_leaf=grouping.is_placeholder) \
         if present else None
   split = [_children(t) for t in present]
   if any(jax.tree_util.treedef_is_leaf(d) for _, _, d in split) or len({d for _, _, d in split}) > 1:
@@ -95,8 +91,8 @@ def _field(opt_state, name: str, of=getattr):
 
 def _like_params(tree, params):
   """``tree`` with the params' structure: a ``None`` standing for a whole subtree becomes its leaves."""
-  return jax.tree.map(lambda t, p: jax.tree.map(lambda _: None, p) if _is_placeholder(t) else t,
-                      tree, params, is_leaf=_is_placeholder)
+  return jax.tree.map(lambda t, p: jax.tree.map(lambda _: None, p) if grouping.is_placeholder(t) else t,
+                      tree, params, is_leaf=grouping.is_placeholder)
 
 
 def gamma(opt_state):

@@ -153,11 +153,6 @@ def budget_threshold(norms: Sequence[jax.Array], group_sizes: Sequence[int], bud
   return as_float(hi)
 
 
-def dual_ascent(lam, density, target, rate, lam_min=0.0):
-  """One step of ``λ ← max(λ_min, λ + η·(density − ε))``."""
-  return jnp.maximum(lam_min, lam + rate * (density - target))
-
-
 def next_thresholds(target: Target, norms: Sequence[jax.Array], group_sizes: Sequence[int],
                     lams: Sequence[Any], thresholds: Sequence[jax.Array], count) -> list[jax.Array]:
   """Each structured leaf's ``t`` for the next step, from the norms of ``Z_{k+1}``.

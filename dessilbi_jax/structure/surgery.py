@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dessilbi_jax.core import grouping
 from dessilbi_jax.structure import folding
 from dessilbi_jax.structure import resized
 from dessilbi_jax.structure.unit_map import Slice, UnitGroup, UnitMap, new_extent
@@ -178,11 +179,7 @@ def _regather(leaf, cuts: Mapping[int, np.ndarray], reference_shape, fill=None):
 
 def _paths(tree) -> dict[tuple[str, ...], Any]:
   return {tuple(str(getattr(k, 'key', k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_placeholder)[0]}
-
-
-def _is_placeholder(x) -> bool:
-  return x is None or isinstance(x, optax.MaskedNode)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=grouping.is_placeholder)[0]}
 
 
 def _unflatten_like(template, values: Mapping[tuple[str, ...], Any]):
@@ -261,12 +258,12 @@ def _map_state(opt_state, old_params, new_params, fn):
   treedef = jax.tree.structure(old_params)
 
   def params_like(node) -> bool:
-    return isinstance(node, Mapping) and jax.tree.structure(node, is_leaf=_is_placeholder) == treedef
+    return isinstance(node, Mapping) and jax.tree.structure(node, is_leaf=grouping.is_placeholder) == treedef
 
   def walk(node):
     if params_like(node):
       leaves = _paths(node)
-      return _unflatten_like(new_params, {p: None if _is_placeholder(leaves[p]) else fn(leaves[p], p)
+      return _unflatten_like(new_params, {p: None if grouping.is_placeholder(leaves[p]) else fn(leaves[p], p)
                                           for p in _paths(new_params)})
     if isinstance(node, tuple) and hasattr(node, '_fields'):
       return type(node)(*(walk(c) for c in node))
