@@ -83,6 +83,7 @@ def _params_of_checkpoint(run_dir, epoch, like):
   return {grouping.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
 
 
+@pytest.mark.slow   # four processes
 def test_two_processes_train_like_one_and_only_process_0_writes(single, tmp_path):
   data_dir, single_dir, result = single
   out = tmp_path / 'run'

@@ -217,6 +217,7 @@ def test_bad_inputs_fail_before_training(tiny, monkeypatch):
     train.check_config(dataclasses.replace(tiny, batch_size=100))
 
 
+@pytest.mark.slow   # a subprocess with 8 devices
 def test_eight_devices_give_the_params_of_one(tiny, tmp_path):
   """The same global batches on 8 virtual CPU devices (pmean of gradients, synced batch norm) and on 1."""
   # ResNet-20 with one block per stage (the others removed): batch norm, strides and a widening shortcut, a
