@@ -218,7 +218,7 @@ def test_widths_rebuild_a_narrower_network():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(name='resnet57'), r"Unknown model 'resnet57'; choose one of: mlp, lenet5, .*resnet50, lenet"),
+    (dict(name='resnet57'), r"Unknown model 'resnet57'; choose one of: mlp, lenet5, .*resnet50, vit, gpt, lenet"),
     (dict(name='lenet5', widths=(6, 16, 120)), r'lenet5 widths must be a tuple of 4 positive integers'),
     (dict(name='vgg16', widths=(64,) * 12 + (0,)), r'vgg16 widths must be a tuple of 13 positive'),
     (dict(name='mlp', widths=(300.5,)), r'mlp widths must be .* positive integers'),
@@ -237,7 +237,7 @@ def test_get_model_rejects_bad_arguments(kwargs, message):
 
 def test_list_models_names_every_model_of_the_contract():
   assert models.list_models() == ('mlp', 'lenet5', 'conv1d', 'vgg16', 'resnet20', 'resnet32', 'resnet56',
-                                  'resnet110', 'resnet18', 'resnet50')
+                                  'resnet110', 'resnet18', 'resnet50', 'vit', 'gpt')
   assert isinstance(models.get_model('lenet', 10, (8, 8, 1)), models.LeNet5)
 
 

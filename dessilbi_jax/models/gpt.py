@@ -5,7 +5,7 @@ Token and learned position embeddings, causal pre-LayerNorm blocks
 LayerNorm and a dense layer to the next token's logits at every position.
 ``num_classes`` is the vocabulary (256 for bytes), ``context`` the longest
 sequence (token ids, integers or floats holding integers), ``widths`` the MLP widths of the blocks and ``heads`` their numbers
-of heads (of ``head_dim`` each).
+of heads (of ``head_dim`` each; default 4 per block).
 
 The default: byte-level, context 64, stream width 64, 4 blocks of 4 heads of
 16 and an MLP of 256 (237,184 parameters).
@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -35,15 +36,22 @@ from dessilbi_jax.models.transformer import TransformerBlock, check_block_widths
 class GPT(nn.Module):
   """Causal decoder: token + position embeddings, causal pre-LN blocks, next-token logits."""
   widths: Sequence[int] = (256, 256, 256, 256)
-  heads: Sequence[int] = (4, 4, 4, 4)
+  heads: Optional[Sequence[int]] = None   # per block; None: 4 in every block
   num_classes: int = 256
   context: int = 64
   dim: int = 64
   head_dim: int = 16
 
   def __post_init__(self):
-    check_block_widths('gpt', self.widths, self.heads, GPT.widths, GPT.heads)
+    check_block_widths('gpt', self.widths, self.block_heads, GPT.widths, (4,) * len(GPT.widths))
     super().__post_init__()
+
+  @property
+  def block_heads(self) -> tuple[int, ...]:
+    """The heads of each block (``heads``, or 4 per block)."""
+    if self.heads is None:
+      return (4,) * len(self.widths) if isinstance(self.widths, (tuple, list)) else ()
+    return tuple(self.heads) if isinstance(self.heads, (tuple, list)) else self.heads
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
@@ -58,7 +66,7 @@ class GPT(nn.Module):
     x = nn.Embed(self.num_classes, self.dim, name='token_embed')(tokens)
     positions = self.param('pos_embedding', nn.initializers.normal(0.02), (self.context, self.dim))
     x = x + (positions if length == self.context else positions[:length])
-    for i, (width, heads) in enumerate(zip(self.widths, self.heads)):
+    for i, (width, heads) in enumerate(zip(self.widths, self.block_heads)):
       x = TransformerBlock(self.dim, heads, self.head_dim, width, causal=True, name=f'Block_{i}')(x)
     x = nn.LayerNorm(name='norm')(x)
     return nn.Dense(self.num_classes, name='classifier')(x)

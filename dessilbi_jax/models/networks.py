@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dessilbi_jax.models.gpt import GPT
+from dessilbi_jax.models.transformer import GROUPS as TRANSFORMER_GROUPS
 from dessilbi_jax.models.vit import ViT
 
 
@@ -588,6 +589,21 @@ def _layer_widths_of(key: str) -> set[str]:
   if key in ('resnet18', 'resnet50'):
     return {'block_widths', 'stem_width', 'stream_widths'}
   return {'block_widths', 'shortcut_offsets'} if key.startswith('resnet') else set()
+
+
+def default_groups(name: str) -> Optional[dict[str, Optional[str]]]:
+  """DessiLBI's grouping rule for zoo model ``name`` (``None``: the reference rule).
+
+  The transformers get a ``head`` group per attention head and a ``neuron``
+  group per MLP neuron (:data:`dessilbi_jax.models.transformer.GROUPS`).
+
+  Example::
+
+    >>> from dessilbi_jax import models
+    >>> models.default_groups('vit')['mlp_up/kernel$'], models.default_groups('lenet5')
+    ('neuron', None)
+  """
+  return dict(TRANSFORMER_GROUPS) if _ALIASES.get(name, name) in ('vit', 'gpt') else None
 
 
 def model_name(model: nn.Module) -> str:

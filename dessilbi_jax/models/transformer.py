@@ -53,6 +53,17 @@ class TransformerBlock(nn.Module):
     return x
 
 
+# DessiLBI's groups on the zoo's transformers (``dl.dessilbi(groups=...)``): a structure variable per
+# attention head on the query, key and value kernels (D, H, K) and per hidden neuron on the MLP's
+# up-projection (D, F); the residual stream's leaves (embeddings, output projections, LayerNorms,
+# classifier) are trained without one, as the stream is kept whole.
+GROUPS = {
+    r'attention/(query|key|value)/kernel$': 'head',
+    r'mlp_up/kernel$': 'neuron',
+    r'.*': None,
+}
+
+
 def check_block_widths(model: str, widths: Any, heads: Any, default_widths: Sequence[int],
                        default_heads: Sequence[int]) -> None:
   """ValueError unless ``widths`` (MLP per block) and ``heads`` (per block) are equally many integers >= 0."""

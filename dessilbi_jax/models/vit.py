@@ -6,10 +6,11 @@ embeddings added; pre-LayerNorm blocks
 (:class:`~dessilbi_jax.models.transformer.TransformerBlock`), a final
 LayerNorm, and a dense classifier on the class token. ``widths`` are the MLP
 widths of the blocks and ``heads`` their numbers of heads (of ``head_dim``
-each), so a network with heads or neurons removed is the same class.
+each; default 4 per block), so a network with heads or neurons removed is
+the same class.
 
 The default on the 8 x 8 digits: 4 patches of 4 x 4 plus the class token,
-stream width 64, 4 blocks of 4 heads of 16 and an MLP of 256 (201,738
+stream width 64, 4 blocks of 4 heads of 16 and an MLP of 256 (202,186
 parameters).
 
 Example::
@@ -26,6 +27,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -37,15 +39,22 @@ from dessilbi_jax.models.transformer import TransformerBlock, check_block_widths
 class ViT(nn.Module):
   """Vision Transformer: patch embedding, class token, pre-LN blocks, classifier on the class token."""
   widths: Sequence[int] = (256, 256, 256, 256)
-  heads: Sequence[int] = (4, 4, 4, 4)
+  heads: Optional[Sequence[int]] = None   # per block; None: 4 in every block
   num_classes: int = 10
   dim: int = 64
   head_dim: int = 16
   patch_size: int = 4
 
   def __post_init__(self):
-    check_block_widths('vit', self.widths, self.heads, ViT.widths, ViT.heads)
+    check_block_widths('vit', self.widths, self.block_heads, ViT.widths, (4,) * len(ViT.widths))
     super().__post_init__()
+
+  @property
+  def block_heads(self) -> tuple[int, ...]:
+    """The heads of each block (``heads``, or 4 per block)."""
+    if self.heads is None:
+      return (4,) * len(self.widths) if isinstance(self.widths, (tuple, list)) else ()
+    return tuple(self.heads) if isinstance(self.heads, (tuple, list)) else self.heads
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -58,7 +67,7 @@ class ViT(nn.Module):
     cls = self.param('cls_token', nn.initializers.zeros, (1, 1, self.dim))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), x], axis=1)
     x = x + self.param('pos_embedding', nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
-    for i, (width, heads) in enumerate(zip(self.widths, self.heads)):
+    for i, (width, heads) in enumerate(zip(self.widths, self.block_heads)):
       x = TransformerBlock(self.dim, heads, self.head_dim, width, name=f'Block_{i}')(x)
     x = nn.LayerNorm(name='norm')(x)
     return nn.Dense(self.num_classes, name='classifier')(x[:, 0])

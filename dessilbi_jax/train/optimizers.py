@@ -11,6 +11,7 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import baselines
+from dessilbi_jax import models
 from dessilbi_jax.core import target_density as targets
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   """The optimizer ``cfg.optimizer`` with the learning-rate schedule of ``cfg``.
 
   ``'dessilbi'``: :func:`dessilbi_jax.dessilbi` with κ, ν, λ (conv kernels by
-  filter, dense kernels by weight); ``'sgd'``: SGD with heavy-ball momentum;
+  filter, dense kernels by weight; the transformers' attention heads and MLP
+  neurons, :func:`dessilbi_jax.models.default_groups`); ``'sgd'``: SGD with heavy-ball momentum;
   ``'adam'``: AdamW; ``'l0'``, ``'l0_penalty'``: the weights' SGD-momentum
   of an L0-gated run (the gates train beside them:
   :mod:`dessilbi_jax.train.l0_gates`); the names of :data:`dessilbi_jax.baselines.BASELINES`:
@@ -44,7 +46,13 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   total_steps = cfg.epochs * steps_per_epoch if cfg.optimizer in baselines.BASELINES else None
   return _optimizer(cfg.optimizer, cfg.lr, _decay_epochs(cfg), cfg.lr_decay, cfg.momentum, cfg.weight_decay,
                     cfg.kappa, cfg.mu, cfg.lambdas, cfg.normalize_groups, cfg.sparsity, cfg.penalty,
-                    steps_per_epoch, total_steps, _target(cfg), cfg.store_gamma)
+                    steps_per_epoch, total_steps, _target(cfg), cfg.store_gamma, _groups(cfg))
+
+
+def _groups(cfg: TrainConfig):
+  """The model's DessiLBI grouping rule (the transformers': heads and neurons), hashable: ``((pattern, kind), ...)``."""
+  groups = models.default_groups(cfg.model)
+  return None if groups is None else tuple(groups.items())
 
 
 def _target(cfg: TrainConfig):
@@ -66,13 +74,14 @@ def _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch) -> optax.Schedule:
 @functools.lru_cache(maxsize=32)
 def _optimizer(name, lr, lr_decay_epochs, lr_decay, momentum, weight_decay, kappa, mu, lambdas,
                normalize_groups, sparsity, penalty, steps_per_epoch, total_steps, target=None,
-               store_gamma=True) -> optax.GradientTransformation:
+               store_gamma=True, groups=None) -> optax.GradientTransformation:
   schedule = _schedule(lr, lr_decay_epochs, lr_decay, steps_per_epoch)
   decayed = lambda params: jax.tree.map(lambda w: jnp.ndim(w) >= 2, params)
   if name == 'dessilbi':
     return dl.dessilbi(schedule, kappa=kappa, mu=mu, momentum=momentum, weight_decay=weight_decay,
                        lambdas=dict(lambdas) if isinstance(lambdas, tuple) else lambdas,
-                       normalize_groups=normalize_groups, target_density=target, store_gamma=store_gamma)
+                       normalize_groups=normalize_groups, target_density=target, store_gamma=store_gamma,
+                       groups=None if groups is None else dict(groups))
   if name in ('sgd', 'l0', 'l0_penalty'):
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=decayed),
                        optax.sgd(schedule, momentum=momentum or None))
