@@ -20,10 +20,13 @@ def _small(name):
   else:
     model = models.GPT(widths=(8, 8), heads=(H, H), dim=D, head_dim=K, context=12, num_classes=32)
     x = jax.random.randint(jax.random.key(1), (3, 12), 0, 32)
-  variables = model.init(jax.random.key(0), x)
+  return model, _perturbed(jax.jit(model.init)(jax.random.key(0), x)), x
+
+
+@jax.jit
+def _perturbed(variables):
   # LayerNorm scales and biases away from 1 and 0, biases non-zero: nothing cancels by symmetry.
-  variables = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), variables)
-  return model, variables, x
+  return jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(2), a.shape), variables)
 
 
 def _half(unit_map, seed=0):
@@ -82,9 +85,10 @@ def test_half_the_heads_and_neurons_removed_give_the_masked_logits(traced):
   small, small_vars, small_state = structure.remove(model, variables, unit_map, keep, state)
   assert small.heads == (H // 2, H // 2) and small.widths == (4, 4)
   masked = structure.zero(variables, unit_map, keep)
-  compact_logits = small.apply(small_vars, x)
-  assert float(jnp.max(jnp.abs(compact_logits - model.apply(masked, x)))) <= 1e-5
-  assert float(jnp.max(jnp.abs(compact_logits - model.apply(variables, x)))) > 1e-2  # the heads mattered
+  apply = jax.jit(model.apply)
+  compact_logits = jax.jit(small.apply)(small_vars, x)
+  assert float(jnp.max(jnp.abs(compact_logits - apply(masked, x)))) <= 1e-5
+  assert float(jnp.max(jnp.abs(compact_logits - apply(variables, x)))) > 1e-2  # the heads mattered
   # Head h of every projection is the kept head's slice (by hand, not through the map).
   kept = np.flatnonzero(keep['Block_0/attention/query'])
   attention = variables['params']['Block_0']['attention']
@@ -105,21 +109,21 @@ def test_a_gated_head_scales_its_output(traced):
   _, model, variables, x, unit_map = traced
   name = 'Block_0/attention/query'
 
-  def attention_out(z):
-    gated = structure.gate(variables, unit_map, {name: jnp.asarray(z, jnp.float32)})
+  @jax.jit
+  def captured(z):
+    gated = structure.gate(variables, unit_map, {name: z})
     _, state = model.apply(gated, x, capture_intermediates=True, mutable=['intermediates'])
-    return np.asarray(state['intermediates']['Block_0']['attention']['__call__'][0], np.float64)
+    return state['intermediates']['Block_0']['attention']['__call__'][0]
+
+  attention_out = lambda z: np.asarray(captured(jnp.asarray(z, jnp.float32)), np.float64)
 
   base = attention_out(np.zeros(H))
   z = np.array([0.3, 1.0, 0.0, 0.7])
   expected = base + sum(z[h] * (attention_out(np.eye(H)[h]) - base) for h in range(H))
   np.testing.assert_allclose(attention_out(z), expected, atol=2e-5)
-  np.testing.assert_allclose(attention_out(np.ones(H)), attention_out_plain(model, variables, x), atol=1e-6)
-
-
-def attention_out_plain(model, variables, x):
-  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
-  return np.asarray(state['intermediates']['Block_0']['attention']['__call__'][0])
+  _, plain = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  np.testing.assert_allclose(attention_out(np.ones(H)), plain['intermediates']['Block_0']['attention']['__call__'][0],
+                             atol=1e-5)
 
 
 class _IssueBlock(nn.Module):
@@ -137,8 +141,7 @@ class _IssueBlock(nn.Module):
 
 def test_the_issue_block_traces_and_zeroing_a_head_is_the_flax_module_without_it():
   model, x = _IssueBlock(), jax.random.normal(jax.random.key(3), (2, 5, 6))
-  variables = model.init(jax.random.key(0), x)
-  variables = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(4), a.shape), variables)
+  variables = _perturbed(jax.jit(model.init)(jax.random.key(0), x))
   unit_map = structure.trace(model, variables, x)
   head = unit_map['MultiHeadDotProductAttention_0/query']
   assert head.kind == 'head' and head.size == 4 and unit_map['Dense_2'].size == 12
@@ -150,8 +153,9 @@ def test_the_issue_block_traces_and_zeroing_a_head_is_the_flax_module_without_it
     attention[proj] = {'kernel': np.delete(attention[proj]['kernel'], 1, axis=1),
                        'bias': np.delete(attention[proj]['bias'], 1, axis=0)}
   attention['out']['kernel'] = np.delete(attention['out']['kernel'], 1, axis=0)
-  reference = _IssueBlock(heads=3).apply({'params': params}, x)
-  np.testing.assert_allclose(model.apply(structure.zero(variables, unit_map, keep), x), reference, atol=1e-5)
+  reference = jax.jit(_IssueBlock(heads=3).apply)({'params': params}, x)
+  np.testing.assert_allclose(jax.jit(model.apply)(structure.zero(variables, unit_map, keep), x), reference,
+                             atol=1e-5)
 
 
 class _EinsumAttention(nn.Module):
@@ -179,7 +183,7 @@ class _EinsumAttention(nn.Module):
 @pytest.mark.parametrize('cross', [False, True], ids=['causal_self', 'cross'])
 def test_einsum_attention_heads_are_units_and_zeroing_is_removal(cross):
   model, x = _EinsumAttention(cross=cross), jax.random.normal(jax.random.key(5), (2, 6, 5))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   unit_map = structure.trace(model, variables, x)
   (head,) = [g for g in unit_map.groups if g.kind == 'head']
   assert head.size == H and sorted((s.path, s.axis, s.role) for s in head.slices) == [
@@ -189,9 +193,9 @@ def test_einsum_attention_heads_are_units_and_zeroing_is_removal(cross):
   for n in ('wq', 'wk', 'wv'):
     params[n] = params[n][:, keep]
   params['wo'] = params['wo'][keep]
-  reference = _EinsumAttention(heads=2, cross=cross).apply({'params': params}, x)
+  reference = jax.jit(_EinsumAttention(heads=2, cross=cross).apply)({'params': params}, x)
   masked = structure.zero(variables, unit_map, {head.name: keep})
-  np.testing.assert_allclose(model.apply(masked, x), reference, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(model.apply)(masked, x), reference, atol=1e-5)
 
 
 class _SharedKeyValue(nn.Module):
@@ -301,9 +305,14 @@ def test_adam_then_dessilbi_is_the_adam_preconditioned_update():
   state = tx.init(params)
   loss = lambda p: sum(jnp.sum(jnp.asarray(scale[n], jnp.float32) * (p[n] - jnp.asarray(target[n], jnp.float32))
                                ** 2) for n in p)
-  for _ in range(steps):
+
+  @jax.jit
+  def step(params, state):
     updates, state = tx.update(jax.grad(loss)(params), state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
   gamma = dl.gamma(state)
   for n in w0:
     np.testing.assert_allclose(params[n], ref_w[n], rtol=2e-4, atol=2e-5)
