@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dessilbi_jax.models.transformer import TransformerBlock, check_block_widths
+from dessilbi_jax.models.transformer import TransformerBlock, block_heads, check_block_widths
 
 
 class GPT(nn.Module):
@@ -43,15 +43,10 @@ class GPT(nn.Module):
   head_dim: int = 16
 
   def __post_init__(self):
-    check_block_widths('gpt', self.widths, self.block_heads, GPT.widths, (4,) * len(GPT.widths))
+    check_block_widths('gpt', self.widths, self.heads, GPT.widths)
     super().__post_init__()
 
-  @property
-  def block_heads(self) -> tuple[int, ...]:
-    """The heads of each block (``heads``, or 4 per block)."""
-    if self.heads is None:
-      return (4,) * len(self.widths) if isinstance(self.widths, (tuple, list)) else ()
-    return tuple(self.heads) if isinstance(self.heads, (tuple, list)) else self.heads
+  block_heads = property(block_heads)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:

@@ -64,18 +64,24 @@ GROUPS = {
 }
 
 
-def check_block_widths(model: str, widths: Any, heads: Any, default_widths: Sequence[int],
-                       default_heads: Sequence[int]) -> None:
-  """ValueError unless ``widths`` (MLP per block) and ``heads`` (per block) are equally many integers >= 0."""
+def block_heads(model) -> tuple[int, ...]:
+  """The heads of each block of ``model``: its ``heads``, or 4 per block."""
+  if model.heads is None:
+    return (4,) * len(model.widths) if isinstance(model.widths, (tuple, list)) else ()
+  return tuple(model.heads) if isinstance(model.heads, (tuple, list)) else model.heads
+
+
+def check_block_widths(model: str, widths: Any, heads: Any, default_widths: Sequence[int]) -> None:
+  """ValueError unless ``widths`` (MLP per block) and ``heads`` (per block; ``None``: 4) are equally many ints >= 0."""
   def ok(values):
     return (isinstance(values, (tuple, list)) and len(values) > 0
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values))
   if not ok(widths):
     raise ValueError(f'{model} widths must be a tuple of non-negative integers, the MLP width of each block '
                      f'(0: no MLP), e.g. the default {tuple(default_widths)}; got {widths!r}.')
-  if not ok(heads):
+  if heads is not None and not ok(heads):
     raise ValueError(f'{model} heads must be a tuple of non-negative integers, the attention heads of each block '
-                     f'(0: no attention), e.g. the default {tuple(default_heads)}; got {heads!r}.')
-  if len(widths) != len(heads):
+                     f'(0: no attention), e.g. {(4,) * len(widths)}; got {heads!r}.')
+  if heads is not None and len(widths) != len(heads):
     raise ValueError(f'{model} needs as many heads as widths, one per block; got {len(heads)} heads {tuple(heads)} '
                      f'and {len(widths)} widths {tuple(widths)}.')

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dessilbi_jax.models.transformer import TransformerBlock, check_block_widths
+from dessilbi_jax.models.transformer import TransformerBlock, block_heads, check_block_widths
 
 
 class ViT(nn.Module):
@@ -46,15 +46,10 @@ class ViT(nn.Module):
   patch_size: int = 4
 
   def __post_init__(self):
-    check_block_widths('vit', self.widths, self.block_heads, ViT.widths, (4,) * len(ViT.widths))
+    check_block_widths('vit', self.widths, self.heads, ViT.widths)
     super().__post_init__()
 
-  @property
-  def block_heads(self) -> tuple[int, ...]:
-    """The heads of each block (``heads``, or 4 per block)."""
-    if self.heads is None:
-      return (4,) * len(self.widths) if isinstance(self.widths, (tuple, list)) else ()
-    return tuple(self.heads) if isinstance(self.heads, (tuple, list)) else self.heads
+  block_heads = property(block_heads)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -17,7 +17,17 @@ axes of which leaves it views. Then
   shortcuts: channel ``c`` becomes ``c + offset``) and ``concatenate``;
 * pooling, spatial slicing and padding, reshapes that keep or flatten the
   channel axis, transposes and reductions over other axes carry labels along;
-  a reduction over channels makes their group unprunable.
+  a reduction over channels makes their group unprunable (a LayerNorm keeps
+  its residual stream whole);
+* attention: a kernel with several output axes (``DenseGeneral``'s
+  ``(D, H, K)``) produces its first (the heads), the others belong to each
+  unit; a ``dot_general`` of two activations batched over their channels on
+  both sides (``'...qhd,...khd->...hqk'`` and the weighted values) ties the
+  query, key and value heads into one ``kind='head'`` group, whose consumer is
+  the output kernel's ``(H, K, D)`` axis 0; key/value heads shared by several
+  query heads (grouped or multi-query attention) raise;
+* an embedding lookup (``gather`` of a table's rows) opens a channel space;
+  a variable concatenated along positions (a class token) is a slice of it.
 
 Each channel space that ends up in the model's outputs, or began as its
 inputs, is a group with ``prunable=False``. An op the interpreter cannot follow
