@@ -143,14 +143,14 @@ def test_models_without_batch_norm_run_forward(name, input_shape):
 @pytest.mark.parametrize('name', models.list_models())
 def test_every_model_traces_at_its_reference_input_in_train_and_eval_mode(name):
   input_shape = {'mlp': (28, 28, 1), 'lenet5': (28, 28, 1), 'conv1d': (40, 1), 'resnet18': (224, 224, 3),
-                 'resnet50': (224, 224, 3)}.get(name, (32, 32, 3))
+                 'resnet50': (224, 224, 3), 'gpt': (16,)}.get(name, (32, 32, 3))
   model = models.get_model(name, 10, input_shape)
   x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
   train_logits, state = jax.eval_shape(
       functools.partial(model.apply, train=True, mutable=['batch_stats']), variables, x)
-  assert logits.shape == train_logits.shape == (2, 10)
+  assert logits.shape == train_logits.shape == ((2, 16, 10) if name == 'gpt' else (2, 10))  # gpt: every position
   assert jax.tree.structure(state) == jax.tree.structure({k: v for k, v in variables.items() if k != 'params'})
 
 
@@ -218,7 +218,7 @@ def test_widths_rebuild_a_narrower_network():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(name='resnet57'), r"Unknown model 'resnet57'; choose one of: mlp, lenet5, .*resnet50, lenet"),
+    (dict(name='resnet57'), r"Unknown model 'resnet57'; choose one of: mlp, lenet5, .*resnet50, vit, gpt, lenet"),
     (dict(name='lenet5', widths=(6, 16, 120)), r'lenet5 widths must be a tuple of 4 positive integers'),
     (dict(name='vgg16', widths=(64,) * 12 + (0,)), r'vgg16 widths must be a tuple of 13 positive'),
     (dict(name='mlp', widths=(300.5,)), r'mlp widths must be .* positive integers'),
@@ -237,7 +237,7 @@ def test_get_model_rejects_bad_arguments(kwargs, message):
 
 def test_list_models_names_every_model_of_the_contract():
   assert models.list_models() == ('mlp', 'lenet5', 'conv1d', 'vgg16', 'resnet20', 'resnet32', 'resnet56',
-                                  'resnet110', 'resnet18', 'resnet50')
+                                  'resnet110', 'resnet18', 'resnet50', 'vit', 'gpt')
   assert isinstance(models.get_model('lenet', 10, (8, 8, 1)), models.LeNet5)
 
 

@@ -149,3 +149,64 @@ def _make_mnist1d() -> dict[str, np.ndarray]:
   from mnist1d.data import make_dataset  # pylint: disable=g-import-not-at-top
   with global_rngs_preserved():
     return make_dataset()
+
+
+# The text of ``python_source``: the top-level modules of the running Python's standard library.
+PYTHON_SOURCE_CONTEXT = 64
+_PYTHON_SOURCE_TEST_EVERY = 10
+
+
+def python_source_files() -> list[str]:
+  """The standard library's top-level ``*.py`` files, sorted by name: the text of ``python_source``."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  return sorted(glob.glob(os.path.join(sysconfig.get_paths()['stdlib'], '*.py')), key=os.path.basename)
+
+
+def python_source_is_test(index: int) -> bool:
+  """Whether file ``index`` (of :func:`python_source_files`) is a test file: every 10th one."""
+  return index % _PYTHON_SOURCE_TEST_EVERY == _PYTHON_SOURCE_TEST_EVERY - 1
+
+
+class DessilbiPythonSource(_OfflineBuilder):
+  """Bytes of the Python standard library's source: a text corpus that ships with Python itself.
+
+  The top-level ``*.py`` modules of the running interpreter's standard library
+  (``sysconfig.get_paths()['stdlib']``), sorted by file name; split by file,
+  without randomness: every 10th file (positions 9, 19, ...) is a test file,
+  so no test text was seen in training. One example per file, its bytes as
+  ``uint8`` (a byte-level vocabulary of 256) and its name. The library reads
+  them as windows of 64 bytes and the 64 that follow each by one (the next byte
+  at every position). The text is the installed Python's: another Python
+  version prepares other files.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  SOURCE = "the running Python's standard library source files"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f'{self.__doc__}\nPrepared from Python {sys.version.split()[0]}.',
+        features=tfds.features.FeaturesDict({
+            'bytes': tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+            'file': tfds.features.Text(),
+        }),
+        homepage='https://docs.python.org/3/library/',
+    )
+
+  def _split_generators(self, dl_manager):
+    files = list(enumerate(python_source_files()))
+    return {
+        'train': self._generate_examples([f for i, f in files if not python_source_is_test(i)]),
+        'test': self._generate_examples([f for i, f in files if python_source_is_test(i)]),
+    }
+
+  def _generate_examples(self, paths):
+    import os  # pylint: disable=g-import-not-at-top
+    for path in paths:
+      with open(path, 'rb') as f:
+        text = np.frombuffer(f.read(), np.uint8)
+      yield os.path.basename(path), {'bytes': text, 'file': os.path.basename(path)}

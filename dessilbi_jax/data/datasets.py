@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-DATASETS = ('digits', 'mnist1d', 'mnist', 'fashion_mnist', 'cifar10',
-            'cifar100', 'imagenet2012')
+DATASETS = ('digits', 'mnist1d', 'python_source', 'mnist', 'fashion_mnist',
+            'cifar10', 'cifar100', 'imagenet2012')
 SPLITS = ('train', 'test')
 
 
@@ -45,6 +45,7 @@ class DatasetSpec(NamedTuple):
   mean: tuple[float, ...]
   std: tuple[float, ...]
   augmentation: str | None
+  label_shape: tuple[int, ...] = ()   # a label per example; (64,): one per position (next-byte targets)
 
 
 _SPECS = {
@@ -73,7 +74,7 @@ _SPECS = {
         'imagenet2012', 'validation', 255.0, (0.485, 0.456, 0.406),
         (0.229, 0.224, 0.225), 'resized_crop'),
 }
-_OFFLINE = ('digits', 'mnist1d')
+_OFFLINE = ('digits', 'mnist1d', 'python_source')
 STREAMED = ('imagenet2012',)   # too large to hold in memory: read per batch
 _READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError)
 
@@ -83,9 +84,39 @@ class DatasetNotPreparedError(FileNotFoundError, ValueError):
 
 
 def spec(name: str) -> DatasetSpec:
+  if name == 'python_source':
+    return _python_source_spec()
   if name not in _SPECS:
     raise ValueError(f'Unknown dataset {name!r}; choose one of {DATASETS}.')
   return _SPECS[name]
+
+
+@functools.cache
+def _python_source_spec() -> DatasetSpec:
+  """Byte windows of the standard library's source; the split sizes from the files' sizes (nothing read).
+
+  A file of ``n`` bytes gives ``(n - 1) // 64`` windows: bytes ``[64 i, 64 i + 64)``
+  as the input and ``[64 i + 1, 64 i + 65)`` as the targets.
+  """
+  from dessilbi_jax.data import builders  # pylint: disable=g-import-not-at-top
+  context = builders.PYTHON_SOURCE_CONTEXT
+  sizes = {'train': 0, 'test': 0}
+  for i, path in enumerate(builders.python_source_files()):
+    sizes['test' if builders.python_source_is_test(i) else 'train'] += (os.path.getsize(path) - 1) // context
+  info = DatasetInfo('python_source', 256, (context,), sizes['train'], sizes['test'])
+  return DatasetSpec(info, 'dessilbi_python_source', 'test', 1.0, (0.0,), (1.0,), None, (context,))
+
+
+def _text_windows(records, context: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per file, its non-overlapping windows of ``context`` bytes and the bytes one later (the targets)."""
+  inputs, targets = [], []
+  for record in records:
+    text = np.asarray(record['bytes'], np.uint8)
+    n = (len(text) - 1) // context
+    inputs.append(text[:n * context].reshape(n, context))
+    targets.append(text[1:n * context + 1].reshape(n, context))
+  return (np.concatenate(inputs) if inputs else np.zeros((0, context), np.uint8),
+          np.concatenate(targets).astype(np.int32) if targets else np.zeros((0, context), np.int32))
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -163,6 +194,8 @@ def raw_split(name: str, split: str, data_dir: str | None = None
   """The whole split in memory, as stored: (images, int32 labels), read-only.
 
   Read once per process; only for datasets that fit in memory (not ImageNet).
+  Text (``python_source``): the byte windows of every file and their targets,
+  both ``[N, 64]``.
   """
   dataset_spec = spec(name)
   if name in STREAMED:
@@ -170,8 +203,11 @@ def raw_split(name: str, split: str, data_dir: str | None = None
                      'batches with train_batches / eval_batches.')
   source = open_source(name, split, data_dir)
   records = read_records(name, source, range(len(source)))
-  images = np.stack([record['image'] for record in records])
-  labels = np.array([record['label'] for record in records], np.int32)
+  if dataset_spec.label_shape:   # text: windows of bytes, the next byte at every position
+    images, labels = _text_windows(records, dataset_spec.info.input_shape[0])
+  else:
+    images = np.stack([record['image'] for record in records])
+    labels = np.array([record['label'] for record in records], np.int32)
   info = dataset_spec.info
   if (images.shape[1:] != info.input_shape or labels.size == 0 or
       labels.min() < 0 or labels.max() >= info.num_classes):
@@ -228,7 +264,8 @@ def _prepare_offline(name: str, root: str) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from dessilbi_jax.data import builders  # pylint: disable=g-import-not-at-top
   builder_cls = {'digits': builders.DessilbiDigits,
-                 'mnist1d': builders.DessilbiMnist1d}[name]
+                 'mnist1d': builders.DessilbiMnist1d,
+                 'python_source': builders.DessilbiPythonSource}[name]
   builder = builder_cls(data_dir=root, file_format='array_record')
   try:
     # tfds' progress bars for a second of work would only clutter a training log.

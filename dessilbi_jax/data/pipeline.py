@@ -121,13 +121,14 @@ def eval_batches(name: str, split: str, batch_size: int, *,
   num_examples, read = _reader(name, split, data_dir)
   local_size, offset = _host_slice(batch_size, num_devices)
   input_shape = datasets.dataset_info(name).input_shape
+  label_shape = datasets.spec(name).label_shape
 
   def batches():
     for start in range(0, num_examples, batch_size):
       positions = np.arange(start + offset, start + offset + local_size)
       count = int(np.clip(num_examples - positions[0], 0, local_size))
       batch = {'image': np.zeros((local_size, *input_shape), np.float32),
-               'label': np.zeros(local_size, np.int32),
+               'label': np.zeros((local_size, *label_shape), np.int32),
                'mask': (np.arange(local_size) < count).astype(np.float32)}
       if count:
         batch['image'][:count], batch['label'][:count] = read(

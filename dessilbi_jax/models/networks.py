@@ -19,6 +19,12 @@ name           architecture                    ``widths`` (the default)    one e
                                                (64, 128, 256, 512)
 ``resnet50``   ImageNet ResNet, bottlenecks    per stage                   (H, W, C)
                                                (64, 128, 256, 512)
+``vit``        Vision Transformer, pre-LN      MLP per block               (H, W, C)
+                                               (256, 256, 256, 256);
+                                               ``heads`` (4, 4, 4, 4)
+``gpt``        causal decoder, pre-LN          MLP per block               (length,) ids
+                                               (256, 256, 256, 256);
+                                               ``heads`` (4, 4, 4, 4)
 =============  ==============================  ==========================  ===============
 
 All models are called as ``model.apply(variables, x, train=...)`` on a batch
@@ -65,6 +71,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dessilbi_jax.models.gpt import GPT
+from dessilbi_jax.models.transformer import GROUPS as TRANSFORMER_GROUPS
+from dessilbi_jax.models.vit import ViT
 
 
 def _check_widths(model: str, widths: Any, length: Optional[int], meaning: str, default: Sequence[int]) -> None:
@@ -494,6 +504,8 @@ _REGISTRY = {
     'resnet110': _Entry(functools.partial(CifarResNet, stage_sizes=(18, 18, 18)), 3, 1, True),
     'resnet18': _Entry(functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock), 3, 1, True),
     'resnet50': _Entry(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BottleneckBlock), 3, 1, True),
+    'vit': _Entry(ViT, 3, 1, False),
+    'gpt': _Entry(GPT, 1, 1, False),
 }
 _ALIASES = {'lenet': 'lenet5'}
 
@@ -519,7 +531,8 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int],
       over which batch statistics are averaged; ignored by the others.
     **layer_widths: per-layer widths of the ResNets (a pruned or grown
       network): ``block_widths``, ``shortcut_offsets`` (CIFAR), ``stem_width``,
-      ``stream_widths`` (ImageNet); see :class:`CifarResNet` and :class:`ResNet`.
+      ``stream_widths`` (ImageNet); see :class:`CifarResNet` and :class:`ResNet`;
+      the transformers' ``heads`` per block (:class:`ViT`, :class:`GPT`).
 
   Returns:
     A ``flax.linen.Module``; call ``init``/``apply`` with ``train=...``.
@@ -543,12 +556,15 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int],
     raise ValueError(f'num_classes must be a positive integer; got {num_classes!r}.')
   input_shape = tuple(input_shape)
   if entry.input_rank is not None and len(input_shape) != entry.input_rank:
-    layout = {2: '(length, channels), e.g. (40, 1)', 3: '(height, width, channels), e.g. (32, 32, 3)'}
+    layout = {1: '(length,) of token ids, e.g. (64,)', 2: '(length, channels), e.g. (40, 1)',
+              3: '(height, width, channels), e.g. (32, 32, 3)'}
     raise ValueError(f'{key} takes inputs of shape {layout[entry.input_rank]}; got input_shape {input_shape}.')
-  if entry.input_rank is not None and min(input_shape[:-1]) < entry.min_size:
+  if entry.input_rank is not None and input_shape[:-1] and min(input_shape[:-1]) < entry.min_size:
     raise ValueError(f'{key} needs inputs of at least {entry.min_size} along each spatial axis; '
                      f'got input_shape {input_shape}.')
   kwargs = {'num_classes': int(num_classes)}
+  if key == 'gpt':
+    kwargs['context'] = int(input_shape[0])  # the sequences it is trained on
   if entry.batch_norm:
     kwargs['axis_name'] = axis_name
   if widths is not None:
@@ -564,13 +580,30 @@ def get_model(name: str, num_classes: int, input_shape: Sequence[int],
 
 
 # The per-layer widths (beside ``widths``) of a pruned or grown network, per model family.
-LAYER_WIDTHS = ('block_widths', 'shortcut_offsets', 'stem_width', 'stream_widths')
+LAYER_WIDTHS = ('block_widths', 'shortcut_offsets', 'stem_width', 'stream_widths', 'heads')
 
 
 def _layer_widths_of(key: str) -> set[str]:
+  if key in ('vit', 'gpt'):
+    return {'heads'}
   if key in ('resnet18', 'resnet50'):
     return {'block_widths', 'stem_width', 'stream_widths'}
   return {'block_widths', 'shortcut_offsets'} if key.startswith('resnet') else set()
+
+
+def default_groups(name: str) -> Optional[dict[str, Optional[str]]]:
+  """DessiLBI's grouping rule for zoo model ``name`` (``None``: the reference rule).
+
+  The transformers get a ``head`` group per attention head and a ``neuron``
+  group per MLP neuron (:data:`dessilbi_jax.models.transformer.GROUPS`).
+
+  Example::
+
+    >>> from dessilbi_jax import models
+    >>> models.default_groups('vit')['mlp_up/kernel$'], models.default_groups('lenet5')
+    ('neuron', None)
+  """
+  return dict(TRANSFORMER_GROUPS) if _ALIASES.get(name, name) in ('vit', 'gpt') else None
 
 
 def model_name(model: nn.Module) -> str:
@@ -626,8 +659,10 @@ def count_params(params: Any) -> int:
 def count_flops(model: nn.Module, input_shape: Sequence[int], params: Any = None) -> int:
   """Multiply-accumulates (MACs) of one forward pass of one example.
 
-  Counts the ``nn.Conv`` and ``nn.Dense`` layers, the cost that papers report
-  (biases, normalization, activations and pooling are left out):
+  Counts the ``nn.Conv``, ``nn.Dense`` and ``nn.DenseGeneral`` layers (attention's
+  query, key, value and output projections), the cost that papers report
+  (biases, normalization, activations, pooling and attention's products of
+  two activations are left out):
 
       MACs = Σ_layers (output positions) × (kernel entries)
 
@@ -656,9 +691,11 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], params: Any = None
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__' and isinstance(context.module, (nn.Conv, nn.Dense)):
+    if context.method_name == '__call__' and isinstance(context.module, (nn.Conv, nn.Dense, nn.DenseGeneral)):
       kernel = context.module.variables['params']['kernel']
-      layers.append((context.module.path, out.size // out.shape[-1], kernel.shape))
+      features = getattr(context.module, 'features', out.shape[-1])
+      outputs = math.prod(features) if isinstance(features, (tuple, list)) else out.shape[-1]
+      layers.append((context.module.path, out.size // outputs, kernel.shape))
     return out
 
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)

@@ -438,7 +438,8 @@ def gate(variables, unit_map: UnitMap, z: Mapping[str, jax.Array]):
   """``variables`` with each named group's output multiplied by ``z[name]`` (shape ``(size,)``).
 
   After a conv + batch norm the norm's scale and bias are scaled (exactly
-  ``z·BN(x)``); without a norm, the producer kernel and its bias. ``z`` may be
+  ``z·BN(x)``); without a norm, the producer kernel and its bias; for an
+  attention head, the output projection's input slice (exactly ``z·head(x)``). ``z`` may be
   traced: the result is differentiable in it. For ReLU networks and ``z >= 0``,
   ``z = 0`` / ``1`` is :func:`zero` / the identity on a unit.
   """
@@ -451,7 +452,10 @@ def gate(variables, unit_map: UnitMap, z: Mapping[str, jax.Array]):
     # A norm after a concatenation (no single producer) scales the combined tensor once.
     combined = [s for s in group.slices if s.role == 'norm' and s.collection == 'params' and not s.layer]
     scaled = list(combined)
-    for producer in group.producers:
+    if group.kind == 'head':
+      # A head's output enters the output projection linearly: scaling its input rows is exactly z·head.
+      scaled += [s for s in group.slices if s.role == 'consumer' and s.collection == 'params']
+    for producer in group.producers if group.kind != 'head' else ():
       layer = producer.path[:-1]
       after = [s for s in group.slices if s.layer == layer and s.collection == 'params' and s.role != 'producer']
       norms = [s for s in after if s.role == 'norm']

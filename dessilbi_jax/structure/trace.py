@@ -17,7 +17,17 @@ axes of which leaves it views. Then
   shortcuts: channel ``c`` becomes ``c + offset``) and ``concatenate``;
 * pooling, spatial slicing and padding, reshapes that keep or flatten the
   channel axis, transposes and reductions over other axes carry labels along;
-  a reduction over channels makes their group unprunable.
+  a reduction over channels makes their group unprunable (a LayerNorm keeps
+  its residual stream whole);
+* attention: a kernel with several output axes (``DenseGeneral``'s
+  ``(D, H, K)``) produces its first (the heads), the others belong to each
+  unit; a ``dot_general`` of two activations batched over their channels on
+  both sides (``'...qhd,...khd->...hqk'`` and the weighted values) ties the
+  query, key and value heads into one ``kind='head'`` group, whose consumer is
+  the output kernel's ``(H, K, D)`` axis 0; key/value heads shared by several
+  query heads (grouped or multi-query attention) raise;
+* an embedding lookup (``gather`` of a table's rows) opens a channel space;
+  a variable concatenated along positions (a class token) is a slice of it.
 
 Each channel space that ends up in the model's outputs, or began as its
 inputs, is a group with ``prunable=False``. An op the interpreter cannot follow
@@ -77,6 +87,7 @@ class _Label:
   space: int
   repeat: int = 1
   layer: tuple[str, ...] = ()  # the producer kernel's module, while only elementwise ops followed it
+  broadcast: bool = False  # broadcast along a new axis (jnp.repeat of key/value heads, before a reshape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +102,7 @@ class _Spaces:
 
   def __init__(self):
     self.parent, self.offset, self.low, self.high, self.fixed = [], [], [], [], []
+    self.kind: list = []  # 'head': tied by attention products
 
   def new(self, size: int) -> int:
     self.parent.append(len(self.parent))
@@ -98,6 +110,7 @@ class _Spaces:
     self.low.append(0)
     self.high.append(size)
     self.fixed.append('')
+    self.kind.append(None)
     return len(self.parent) - 1
 
   def find(self, s: int) -> tuple[int, int]:
@@ -119,10 +132,15 @@ class _Spaces:
     self.low[rb] = min(self.low[rb], self.low[ra] + d)
     self.high[rb] = max(self.high[rb], self.high[ra] + d)
     self.fixed[rb] = self.fixed[rb] or self.fixed[ra]
+    self.kind[rb] = self.kind[rb] or self.kind[ra]
 
   def fix(self, s: int, reason: str) -> None:
     root, _ = self.find(s)
     self.fixed[root] = self.fixed[root] or reason
+
+  def mark(self, s: int, kind: str) -> None:
+    root, _ = self.find(s)
+    self.kind[root] = kind
 
 
 def _positions(out_shape, channel_axis: int) -> int:
@@ -136,6 +154,21 @@ def _summary(eqn) -> str:
     return source_info_util.summarize(eqn.source_info)
   except Exception:  # pylint: disable=broad-except
     return ''
+
+
+_LIBRARIES = ('/flax/', '/jax/', '/optax/', '/dessilbi_jax/structure/')
+
+
+def _user_line(eqn) -> str:
+  """The innermost frame of the op's traceback outside Flax, JAX and this tracer (the user's line)."""
+  try:
+    from jax._src import source_info_util  # pylint: disable=g-import-not-at-top
+    for frame in source_info_util.user_frames(eqn.source_info.traceback):
+      if not any(lib in frame.file_name.replace('\\', '/') for lib in _LIBRARIES):
+        return source_info_util._summarize_frame(frame)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return ''
 
 
 class _Interpreter:
@@ -153,7 +186,8 @@ class _Interpreter:
     for candidate in [eqn] + self.call_sites[::-1]:
       line = _summary(candidate)
       if line:
-        return line
+        user = _user_line(candidate)
+        return line if not user or user == line else f'{line}, called from {user}'
     return 'an unknown source line'
 
   # -- helpers ---------------------------------------------------------------
@@ -214,19 +248,24 @@ class _Interpreter:
     if name == 'conv_general_dilated':
       return [self.conv(eqn, values)]
     if name == 'dot_general':
+      if not any(isinstance(v, list) for v in values):
+        return [self.product(eqn, values)]
       return [self.dot(eqn, values)]
+    if name == 'gather':
+      return [self.gather(eqn, values)]
     if name in _UNARY or (name in _BINARY) or name == 'select_n':
       return [self.elementwise(eqn, labels, views, shape_in, shape_out)]
     label, view = labels[0], views[0]
     if name == 'broadcast_in_dim':
       dims = eqn.params['broadcast_dimensions']
       if label is not None:
-        return [dataclasses.replace(label, axis=dims[label.axis])]
+        inserted = any(i not in dims and n > 1 for i, n in enumerate(shape_out))
+        return [dataclasses.replace(label, axis=dims[label.axis], broadcast=label.broadcast or inserted)]
       return [self.map_view(view, lambda axes: tuple(
           axes[dims.index(i)] if i in dims and shape_in[0][dims.index(i)] == shape_out[i] else None
           for i in range(len(shape_out))))]
     if name == 'reshape':
-      return [self.reshape(eqn, label, view, shape_in[0], shape_out)]
+      return [self.shared_heads_reshape(eqn, label, view, shape_in[0], shape_out)]
     if name == 'squeeze':
       dims = sorted(d % len(shape_in[0]) for d in eqn.params['dimensions'])
       keep = [i for i in range(len(shape_in[0])) if i not in dims]
@@ -243,7 +282,7 @@ class _Interpreter:
       if label is None:
         return [self.map_view(view, lambda va: tuple(a for i, a in enumerate(va) if i not in axes))] * n_out
       if label.axis in axes:
-        self.spaces.fix(label.space, f'`{name}` over the channels at {self.where(eqn)}')
+        self.spaces.fix(label.space, self.reduction_reason(eqn))
         return [None] * n_out
       return [dataclasses.replace(label, axis=label.axis - sum(a < label.axis for a in axes))] * n_out
     if name in _WINDOW or name == 'cumsum' or name.startswith('cum'):
@@ -257,10 +296,12 @@ class _Interpreter:
     if name == 'pad':
       return [self.pad(eqn, values, shape_in, shape_out)]
     if name == 'concatenate':
+      if any(isinstance(v, list) for v in values):
+        return [self.concatenate_variables(eqn, values, shape_in)]
       return [self.concatenate(eqn, values, shape_in)]
     if name == 'slice':
       if label is None:
-        self.fail(eqn, 'slicing a value computed from the variables')
+        return [self.slice_variable(eqn, view, shape_in[0])]
       start, limit = eqn.params['start_indices'][label.axis], eqn.params['limit_indices'][label.axis]
       strides = eqn.params.get('strides') or (1,) * len(shape_in[0])
       if (start, limit, strides[label.axis]) != (0, shape_in[0][label.axis], 1):
@@ -311,13 +352,16 @@ class _Interpreter:
       self.fail(eqn, 'its kernel is broadcast along the input channels')
     self.record(label.space, kernel.key, leaf_axis, 'consumer', size // label.repeat, label.repeat)
 
-  def produce(self, kernel: _Origin, kernel_axis: int, out_axis: int, size: int, eqn) -> _Label:
+  def produce(self, kernel: _Origin, kernel_axis: int, out_axis: int, size: int, eqn, free: int = 0) -> _Label:
     leaf_axis = kernel.axes[kernel_axis]
     if leaf_axis is None:
       self.fail(eqn, 'its kernel is broadcast along the output channels')
     space = self.spaces.new(size)
     self.record(space, kernel.key, leaf_axis, 'producer', size)
-    self.positions.append((kernel.key[1], _positions(eqn.outvars[0].aval.shape, out_axis)))
+    out_shape = eqn.outvars[0].aval.shape
+    # A kernel with several output axes (attention's (D, H, K)): ``free`` is their product.
+    self.positions.append((kernel.key[1], math.prod(out_shape) // out_shape[0] // free if free
+                           else _positions(out_shape, out_axis)))
     return _Label(out_axis, space, 1, kernel.key[1][:-1])
 
   def conv(self, eqn, values) -> _Label:
@@ -377,15 +421,19 @@ class _Interpreter:
     shapes = [v.aval.shape for v in eqn.invars]
     act_shape, kernel_shape = (shapes[0], shapes[1]) if kernel_is_rhs else (shapes[1], shapes[0])
     if act is not None:
-      if act.axis not in act_c or len(act_c) != 1:
-        self.fail(eqn, 'it does not contract the channel axis alone')
-      self.consume(act, kernel, kernel_c[0], eqn, act_shape[act.axis])
+      if act.axis not in act_c or (len(act_c) != 1 and act.repeat != 1):
+        self.fail(eqn, 'it does not contract the channel axis')
+      # Other contracted axes (a head's dimensions, (H, K, D) output kernels) are read with the unit.
+      self.consume(act, kernel, kernel_c[act_c.index(act.axis)], eqn, act_shape[act.axis])
     kernel_free = [i for i in range(len(kernel_shape)) if i not in kernel_c]
     act_free = [i for i in range(len(act_shape)) if i not in act_c]
-    if len(kernel_free) != 1:
-      self.fail(eqn, 'its kernel has more than one output axis')
+    if not kernel_free:
+      self.fail(eqn, 'its kernel has no output axis')
+    # Several output axes, (D, H, K) in Flax's DenseGeneral layout: the first (heads) are the units,
+    # the others (each head's dimensions) belong to them.
     out_axis = len(act_free) if kernel_is_rhs else 0
-    return self.produce(kernel, kernel_free[0], out_axis, kernel_shape[kernel_free[0]], eqn)
+    return self.produce(kernel, kernel_free[0], out_axis, kernel_shape[kernel_free[0]], eqn,
+                        free=math.prod(kernel_shape[i] for i in kernel_free))
 
   def elementwise(self, eqn, labels, views, shape_in, shape_out):
     present = [(i, l) for i, l in enumerate(labels) if l is not None]
@@ -465,6 +513,117 @@ class _Interpreter:
       start += shape[dim]
     return _Label(dim, space)
 
+  # -- attention: products of two activations, embeddings, tokens --------------
+  def product(self, eqn, values) -> Optional[_Label]:
+    """``dot_general`` of two activations (attention's scores and weighted values).
+
+    Batched over the heads on both sides (``'...qhd,...khd->...hqk'``), the
+    products tie the query, key and value heads: one ``'head'`` group. Channels
+    contracted on both sides (one head written with 2-D kernels: the head's
+    dimensions) are tied too, but kept: removing one changes the ``1/√d``
+    scale that is computed from the shape. A channel axis met by an axis that
+    is not the other side's channels (key/value heads shared by several query
+    heads) cannot be followed.
+    """
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params['dimension_numbers']
+    shapes = [v.aval.shape for v in eqn.invars]
+    free = [[i for i in range(len(shape)) if i not in c and i not in b]
+            for shape, c, b in zip(shapes, (lhs_c, rhs_c), (lhs_b, rhs_b))]
+
+    def place(side: int, label: _Label):
+      c, b = (lhs_c, rhs_c)[side], (lhs_b, rhs_b)[side]
+      if label.axis in b:
+        return 'batch', b.index(label.axis)
+      if label.axis in c:
+        return 'contract', c.index(label.axis)
+      return 'free', len(lhs_b) + (0 if side == 0 else len(free[0])) + free[side].index(label.axis)
+
+    present = [(side, v) for side, v in enumerate(values) if isinstance(v, _Label)]
+    if any(v.repeat != 1 for _, v in present):
+      self.fail(eqn, 'a product of activations whose channels were flattened with other axes')
+    places = [place(side, v) for side, v in present]
+    if len(present) == 2:
+      (_, a), (_, b) = present
+      if places[0] == places[1] and places[0][0] == 'batch':
+        self.spaces.tie(b.space, a.space)
+        self.spaces.mark(a.space, 'head')
+        return _Label(places[0][1], a.space)
+      if places[0] == places[1] and places[0][0] == 'contract':
+        self.spaces.tie(b.space, a.space)
+        self.spaces.fix(a.space, f'attention contracts these channels (one head\'s dimensions) at {self.where(eqn)}: '
+                                 'removing one changes the 1/sqrt(d) scale computed from the shape')
+        return None
+      if 'contract' in (places[0][0], places[1][0]) or places[0][0] == places[1][0] == 'batch':
+        self.fail(eqn, 'one side\'s channels (heads) meet an axis of the other that is not its channels: grouped or '
+                       'multi-query attention, where several query heads share a key/value head, is not supported '
+                       '(give every query head its own key and value head)')
+      self.fail(eqn, 'an outer product of two activations\' channels')
+    (kind, axis), = places
+    if kind == 'contract':
+      self.fail(eqn, 'it contracts the channels with an array computed from neither the variables nor the channels')
+    return _Label(axis, present[0][1].space)
+
+  def reduction_reason(self, eqn) -> str:
+    """Why a reduction over the channels keeps them: a LayerNorm's residual stream is said as such."""
+    where = self.where(eqn)
+    if 'Norm' in where or 'normalization.py' in where:
+      return (f'a normalization over the channels (a LayerNorm of the residual stream at {where}): removing '
+              'a channel changes the others\' outputs, so the stream is kept whole')
+    return f'`{eqn.primitive.name}` over the channels at {where}'
+
+  def gather(self, eqn, values) -> Optional[_Label]:
+    """An embedding lookup ``table[ids]``: the table's feature axis produces a new channel space."""
+    operand, _ = values
+    if isinstance(operand, _Label):
+      self.fail(eqn, 'indexing an activation by computed positions')
+    table = self.kernel_of(eqn, operand)
+    numbers = eqn.params['dimension_numbers']
+    sizes, shape = eqn.params['slice_sizes'], eqn.invars[0].aval.shape
+    kept = [a for a in range(len(shape)) if a not in numbers.collapsed_slice_dims]
+    if getattr(numbers, 'operand_batching_dims', ()) or len(kept) != 1 or sizes[kept[0]] != shape[kept[0]]:
+      self.fail(eqn, 'only embedding lookups (whole rows of a table) are followed')
+    leaf_axis = table.axes[kept[0]]
+    if leaf_axis is None:
+      self.fail(eqn, 'its table is broadcast along the features')
+    space = self.spaces.new(shape[kept[0]])
+    self.record(space, table.key, leaf_axis, 'producer', shape[kept[0]])
+    return _Label(numbers.offset_dims[0], space, 1, table.key[1][:-1])
+
+  def shared_heads_reshape(self, eqn, label, view, old, new):
+    """``reshape``, with the error of grouped or multi-query attention (``jnp.repeat`` of key/value heads)."""
+    try:
+      return self.reshape(eqn, label, view, old, new)
+    except UntraceableError:
+      if label is None or not label.broadcast:
+        raise
+      self.fail(eqn, 'it folds heads repeated along a new axis into the head axis: grouped or multi-query attention, '
+                     'where several query heads share a key/value head, is not supported (give every query head its '
+                     'own key and value head)')
+
+  def concatenate_variables(self, eqn, values, shape_in):
+    """A variable concatenated to an activation along another axis (a class token): a slice of its channels."""
+    dim = eqn.params['dimension']
+    present = [v for v in values if isinstance(v, _Label)]
+    if not present or len({v.axis for v in present}) > 1 or present[0].axis == dim:
+      self.fail(eqn, 'it concatenates variables with activations along their channels')
+    first = present[0]
+    for other in present[1:]:
+      self.spaces.tie(other.space, first.space)
+    for value, shape in zip(values, shape_in):
+      for origin in value if isinstance(value, list) else ():
+        leaf_axis = origin.axes[first.axis]
+        if leaf_axis is None:
+          self.fail(eqn, 'the concatenated variable is broadcast along the channels')
+        self.record(first.space, origin.key, leaf_axis, 'bias', shape[first.axis])
+    return dataclasses.replace(first, layer=())
+
+  def slice_variable(self, eqn, view, shape):
+    """A variable cut along an axis (a position table cut to the sequence): that axis maps to no leaf axis."""
+    start, limit = eqn.params['start_indices'], eqn.params['limit_indices']
+    strides = eqn.params.get('strides') or (1,) * len(shape)
+    whole = [(s, l, st) == (0, n, 1) for s, l, st, n in zip(start, limit, strides, shape)]
+    return self.map_view(view, lambda axes: tuple(a if w else None for a, w in zip(axes, whole)))
+
 
 def _flat_keys(variables) -> list[tuple[str, tuple[str, ...]]]:
   keys = []
@@ -504,13 +663,17 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
   closed, kwargs = _eval_jaxpr(model, variables, x, apply_kwargs)
   jaxpr = closed.jaxpr
   keys = _flat_keys(variables)
-  normalized = {path[:-1] for collection, path in keys if collection == 'batch_stats'}
+  # Batch norms (statistics) and LayerNorms (a scale): their bias is a norm slice too.
+  normalized = {path[:-1] for collection, path in keys if collection == 'batch_stats' or path[-1:] == ('scale',)}
   interp = _Interpreter(normalized)
   x_shape = np.shape(x)
-  input_space = interp.spaces.new(x_shape[-1])
   leaves = [[_Origin(key, tuple(range(len(var.aval.shape))))] for key, var in zip(keys, jaxpr.invars)]
-  outputs = interp.run(jaxpr, leaves + [_Label(len(x_shape) - 1, input_space)])
-  interp.spaces.fix(input_space, 'the network\'s input channels')
+  if np.issubdtype(np.dtype(x.dtype), np.integer):  # token ids: no channels until an embedding looks them up
+    outputs = interp.run(jaxpr, leaves + [None])
+  else:
+    input_space = interp.spaces.new(x_shape[-1])
+    outputs = interp.run(jaxpr, leaves + [_Label(len(x_shape) - 1, input_space)])
+    interp.spaces.fix(input_space, 'the network\'s input channels')
   for out in outputs:
     if isinstance(out, _Label):
       interp.spaces.fix(out.space, 'the network\'s outputs (the classifier\'s logits are never units)')
@@ -599,5 +762,5 @@ def _groups(interp: _Interpreter) -> UnitMap:
     name = '/'.join(producers[0].path[:-1]) if producers else 'input'
     reason = spaces.fixed[root]
     groups.append(UnitGroup(name=name, size=spaces.high[root] - spaces.low[root], slices=slices,
-                            prunable=not reason, reason=reason))
+                            prunable=not reason, reason=reason, kind=spaces.kind[root]))
   return UnitMap(tuple(groups), positions=tuple(interp.positions))

@@ -111,6 +111,10 @@ class UnitGroup:
     block: the residual block whose internal width this is: such a group may
       fall to 0 units, the block becoming the identity (its other groups with
       it); ``None``: the layer keeps at least one unit.
+    kind: ``'head'`` for attention heads: unit ``h`` is head ``h`` of the
+      query, key and value projections (tied by the attention products, not
+      by a residual addition) and the output projection's input slice;
+      ``None`` for channels and neurons.
   """
   name: str
   size: int
@@ -118,6 +122,7 @@ class UnitGroup:
   prunable: bool = True
   reason: str = ''
   block: Optional[str] = None
+  kind: Optional[str] = None
 
   @property
   def producers(self) -> tuple[Slice, ...]:
@@ -126,7 +131,7 @@ class UnitGroup:
   @property
   def is_stream(self) -> bool:
     """Whether residual additions (several producers) tie this group's channels."""
-    return len(self.producers) > 1
+    return len(self.producers) > 1 and self.kind != 'head'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,13 @@ def _resnet(model: models.ResNet, unit_map: UnitMap, sources):
                      stream_widths=tuple(_width(sources, g.name) for g in streams), block_widths=inner)
 
 
+def _transformer(model, unit_map: UnitMap, sources):
+  """The zoo's ViT and decoder: per block, its heads and MLP neurons kept (a half left out: 0)."""
+  blocks = range(len(model.widths))
+  return model.clone(parent=None, heads=tuple(_width(sources, f'Block_{i}/attention/query') for i in blocks),
+                     widths=tuple(_width(sources, f'Block_{i}/mlp_up') for i in blocks))
+
+
 _RULES = {
     models.MLP: _sequential(lambda m: [f'Dense_{i}' for i in range(len(m.widths))]),
     models.LeNet5: _sequential(lambda m: ['Conv_0', 'Conv_1', 'Dense_0', 'Dense_1']),
@@ -84,6 +91,8 @@ _RULES = {
     models.VGG16: _sequential(lambda m: [f'Conv_{i}' for i in range(13)]),
     models.CifarResNet: _cifar_resnet,
     models.ResNet: _resnet,
+    models.ViT: _transformer,
+    models.GPT: _transformer,
 }
 
 

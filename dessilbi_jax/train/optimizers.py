@@ -40,6 +40,7 @@ import optax
 
 import dessilbi_jax as dl
 from dessilbi_jax import baselines
+from dessilbi_jax import models
 from dessilbi_jax.core import grouping
 from dessilbi_jax.core import target_density as targets
 from dessilbi_jax.train import l0_gates
@@ -236,6 +237,7 @@ class Settings(NamedTuple):
   weight_decay: float
   steps_per_epoch: int
   total_steps: Optional[int] = None   # given to the optimizers whose schedule ends with the run (GMP)
+  groups: Optional[tuple] = None      # the model's DessiLBI grouping rule, ((pattern, kind), ...): transformers' heads
 
   @property
   def schedule(self) -> optax.Schedule:
@@ -252,7 +254,8 @@ def build_dessilbi(opt: DessiLBI, s: Settings) -> optax.GradientTransformation:
       opt.target_density, scope=opt.constraint, method=opt.target_method, rate=opt.dual_lr)
   return dl.dessilbi(s.schedule, kappa=opt.kappa, mu=opt.mu, momentum=s.momentum, weight_decay=s.weight_decay,
                      lambdas=dict(opt.lambdas) if isinstance(opt.lambdas, tuple) else opt.lambdas,
-                     normalize_groups=opt.normalize_groups, target_density=target, store_gamma=opt.store_gamma)
+                     normalize_groups=opt.normalize_groups, target_density=target, store_gamma=opt.store_gamma,
+                     groups=None if s.groups is None else dict(s.groups))
 
 
 def build_sgd(opt, s: Settings) -> optax.GradientTransformation:
@@ -329,8 +332,9 @@ def option_fields() -> tuple[str, ...]:
 
 def settings(cfg: TrainConfig, steps_per_epoch: int) -> Settings:
   total = cfg.epochs * steps_per_epoch if OPTIMIZERS[cfg.optimizer].needs_total_steps else None
+  groups = models.default_groups(cfg.model)
   return Settings(cfg.lr, tuple(sorted(int(e) for e in cfg.lr_decay_epochs)), cfg.lr_decay, cfg.momentum,
-                  cfg.weight_decay, steps_per_epoch, total)
+                  cfg.weight_decay, steps_per_epoch, total, None if groups is None else tuple(groups.items()))
 
 
 def learning_rate_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:

@@ -190,8 +190,11 @@ def _eval_step(model):
 
   def counts(variables, batch):
     logits = model.apply(variables, batch['image'], train=False)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) * batch['mask'])
-    return jax.lax.psum(jnp.stack([correct, jnp.sum(batch['mask'])]), AXIS)
+    # A label per position (text): every position of a real example counts.
+    mask = jnp.broadcast_to(batch['mask'].reshape(batch['mask'].shape + (1,) * (batch['label'].ndim - 1)),
+                            batch['label'].shape)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask)
+    return jax.lax.psum(jnp.stack([correct, jnp.sum(mask)]), AXIS)
 
   return jax.pmap(counts, axis_name=AXIS)
 
