@@ -120,7 +120,7 @@ def resnet_ticket(resnet_run, tmp_path_factory):
     params = _masked(init_params, steps.full_masks(masks, init_params))
     return train.TrainResult(params, {}, None, init_params, [{'dense_test_acc': 0.0}])
 
-  with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match='Unit group'):
+  with pytest.MonkeyPatch.context() as patch:   # no stage loses every channel: no warning
     patch.setattr(tickets, 'fit', fit)
     report = train.retrain_ticket(run_dir, 1, out_dir=tmp_path_factory.mktemp('out') / 'ticket', quiet=True)
   (cfg, masks, init_params), = calls
