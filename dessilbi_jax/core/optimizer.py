@@ -38,6 +38,7 @@ except ImportError:   # flax is only needed for its nnx Variables
 
 from dessilbi_jax.core import cpu_schedule
 from dessilbi_jax.core import grouping
+from dessilbi_jax.core import lean_state
 from dessilbi_jax.core import prox
 from dessilbi_jax.core import target_density as targets
 
@@ -184,9 +185,20 @@ def _unordered(x, written):
   return x
 
 
+class LeafStep(NamedTuple):
+  """What one leaf's step gives (:func:`leaf_update`); ``None`` fields where the leaf has no such variable."""
+  step: Any      # W_{k+1} − W_k, what optax.apply_updates adds
+  trace: Any     # b_k, the momentum buffer
+  z: Any         # Z_{k+1}
+  gamma: Any     # Γ_{k+1} (None in a lean state)
+  scale: Any     # s_{k+1}, Γ_g = s_g·Z_g per group (None on lasso leaves)
+  entry: Any     # the step each group entered Γ's support (−1: not yet)
+  made: Any      # the (κ, λ) of Γ_{k+1} on a lean state's lasso leaves
+
+
 def leaf_update(g, b, w, z, gam, scale, entry, kind, made=None, decay=None, *, hyper: _StepHyper,
                 after=_unordered, store_gamma: bool = True):
-  """One leaf's step k -> k+1 (docs/ALGORITHM.md); returns ``(W_{k+1} − W_k, b_k, Z_{k+1}, Γ_{k+1}, s, entry, made)``.
+  """One leaf's step k -> k+1 (docs/ALGORITHM.md), a :class:`LeafStep`.
 
   ``kind`` is the leaf's group kind (``None``: no structure variable). ``after(x,
   written)`` is ``x``; :mod:`dessilbi_jax.core.cpu_schedule` passes one that also
@@ -198,9 +210,9 @@ def leaf_update(g, b, w, z, gam, scale, entry, kind, made=None, decay=None, *, h
   lam = None if kind is None else _lambda(hyper.lambdas[kind], b.dtype)
   step, b, z, norms = coupled_update(g, b, w, z, gam, scale, kind, lam, made, decay, hyper=hyper, after=after)
   if kind is None:
-    return step, b, None, None, None, None, None
+    return LeafStep(step, b, None, None, None, None, None)
   lam = after(lam, w + step)                              # Γ written after W
-  return (step, b, z, *structure_update(z, norms, entry, kind, lam, hyper=hyper, store_gamma=store_gamma))
+  return LeafStep(step, b, z, *structure_update(z, norms, entry, kind, lam, hyper=hyper, store_gamma=store_gamma))
 
 
 def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, decay=None, *, hyper: _StepHyper,
@@ -221,9 +233,9 @@ def coupled_update(g, b, w, z, gam, scale, kind, lam, made=None, decay=None, *, 
   if kind is None:                                        # W_{k+1} = W_k − α·κ·d_k
     return (-h.alpha * h.kappa * d).astype(param_dtype), b, None, None
   fixed = _is_number(h.kappa) and _is_number(h.lambdas[kind])   # not changed by inject_hyperparams
-  gam_k = _rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed, h.count)
+  gam_k = lean_state.rebuilt_gamma(z, gam, scale, kind, lam, h.kappa, fixed, h.count)
   if gam is None:                                         # a lean state: W reads Γ_k rebuilt as stored
-    gam = _rounded_gamma(z, scale, made, h.count)
+    gam = lean_state.rounded_gamma(z, scale, made, h.count)
     gam_k = gam if gam_k is None else gam_k               # where Γ is stored, Z would read it
   z = z + h.alpha * ((w - gam_k) / h.mu)                  # Z_{k+1} = Z_k + (α/ν)·(W_k − Γ_k)
   norms = prox.group_norms(z, kind, h.normalize)
@@ -235,7 +247,7 @@ def structure_update(z, norms, entry, kind, lam, *, hyper: _StepHyper, store_gam
   """``Γ_{k+1} = κ·prox_λ(Z_{k+1})`` of one leaf; returns ``(Γ_{k+1}, s, entry, made)`` (``s`` ``None`` on lasso).
 
   ``store_gamma=False``: ``Γ_{k+1}`` is ``None``, and ``made`` on lasso leaves
-  the ``(κ, λ)`` that rebuild it (:func:`gamma_of`); else ``made`` is ``None``.
+  the ``(κ, λ)`` that rebuild it (:func:`~dessilbi_jax.core.lean_state.gamma_of`); else ``made`` is ``None``.
   """
   gam, scale = prox.shrink_groups(z, kind, norms, lam, hyper.kappa)
   entry = jnp.where((entry < 0) & (norms > lam), hyper.count, entry)
@@ -255,83 +267,6 @@ def _lambda(lam, dtype):
 def _kappa_like(kappa, lam):
   """κ in λ's dtype (at least float32): the value ``κ·shrink_factor`` multiplies by, to the bit."""
   return jnp.asarray(kappa).astype(jnp.result_type(lam))
-
-
-def _rebuilt_gamma(z, gam, scale, kind, lam, kappa, fixed: bool, count):
-  """Γ_k for the ``Z`` update, equal to the stored ``Γ_k`` to the bit (tested).
-
-  The ``Z`` update rebuilds it, so that only the ``W`` update reads the stored
-  ``Γ_k``: else, on the CPU, ``W``'s writer would wait for ``Z``'s reader of
-  ``W`` and ``Γ``'s writer for both readers of ``Γ``. Grouped leaves keep the
-  per-group scale, ``Γ_k = s_k·Z_k``; lasso leaves keep no ``s`` (one per
-  weight) and rebuild ``Γ_k = κ·prox_λ(Z_k)`` when κ and λ are fixed numbers, or
-  read ``Γ_k`` when they may have changed since (``optax.inject_hyperparams``;
-  a lean state passes ``None`` and :func:`_rounded_gamma` stands in).
-
-  The product is rounded to the state dtype, as the stored ``Γ_k`` was, before
-  ``W_k − Γ_k`` reads it (:func:`_rounded`): left to itself the compiler
-  contracts ``W − Z·s`` into one fused multiply-add, rounded once (LLVM on the
-  CPU in float32, and in float16 on CPUs with float16 arithmetic, AVX512-FP16;
-  the GPU's compiler likewise), which is not ``W_k − Γ_k`` of the stored ``Γ_k``.
-  """
-  if scale is not None:
-    return _rounded(z * scale, count)
-  if fixed:
-    return _rounded(_lasso_gamma(z, kappa, lam), count)
-  return gam
-
-
-def _rounded(x, count):
-  """``x`` rounded to its dtype before any use: ``x − (+0)``, a ``+0`` the compiler cannot see through.
-
-  A product that feeds a subtraction may be contracted with it into a fused
-  multiply-add; ``Z·s − 0`` may be contracted too, but that is the rounded
-  product, exactly. The ``+0`` is :func:`dessilbi_jax.core.cpu_schedule.after` on
-  the step count's bits read as a float (a scalar that is never sharded and
-  exists before any buffer is written; converted to a float it would be known
-  not to be NaN, and LLVM would fold the ``+0`` away).
-  """
-  return cpu_schedule.after(x, jax.lax.bitcast_convert_type(jnp.asarray(count, jnp.int32), jnp.float32))
-
-
-def _rounded_gamma(z, scale, made, count):
-  """Γ_k of a lean state where the stored one would be read: to the bit the stored, rounded ``Γ_k``.
-
-  Rounded as in :func:`_rebuilt_gamma`; the product is ``Z·(s − 0)`` (lasso:
-  ``κ − 0``) so that it is not shared with the ``Z`` update's ``Z·s``: each
-  fusion recomputes its own, none is written to memory for the other.
-  """
-  after = lambda x: _rounded(x, count)
-  if scale is not None:
-    return after(z * after(scale))
-  kappa, lam = made
-  return after(_lasso_gamma(z, after(kappa), lam))
-
-
-def _lasso_gamma(z, kappa, lam):
-  """``κ·prox_λ(Z)`` of a lasso leaf: the expression of :func:`structure_update`, to the bit."""
-  return prox.shrink_groups(z, 'lasso', prox.group_norms(z, 'lasso'), lam, kappa)[0]
-
-
-def gamma_of(state: DessiLBIState):
-  """``Γ`` of one :class:`DessiLBIState`: the stored tree, or rebuilt from a lean state's ``Z``.
-
-  A lean state (``store_gamma=False``) keeps ``Γ_g = s_g·Z_g`` as its per-group
-  scale and, on lasso leaves, the κ and λ of ``Γ = κ·prox_λ(Z)``; the rebuilt
-  ``Γ`` equals what the update computed to the bit. Read it with
-  :func:`dessilbi_jax.gamma`, which finds the state inside any optax state.
-  """
-  if state.gamma_kappa is None and state.gamma_lambda is None:   # Γ stored
-    return state.gamma
-
-  def leaf(z, scale, kappa, lam):
-    if grouping.is_placeholder(z):   # no structure variable, or masked out
-      return z
-    if scale is not None:    # grouped: the product structure_update stored
-      return z * scale
-    return _lasso_gamma(z, kappa, lam)
-
-  return jax.tree.map(leaf, state.z, state.gamma_scale, state.gamma_kappa, state.gamma_lambda, is_leaf=grouping.is_placeholder)
 
 
 def _as_arrays(tree):
@@ -615,3 +550,6 @@ def dessilbi(
                                threshold=treedef.unflatten(new_thresholds), **_made_fields(fields[6], treedef))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+gamma_of = lean_state.gamma_of   # Γ of one state, stored or rebuilt (dl.gamma finds the state)
