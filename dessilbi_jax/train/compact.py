@@ -3,11 +3,9 @@
 * :func:`compact_keep` is the keep-mask a run's state implies: Γ's support for
   DessiLBI, the non-zero weights otherwise (GMP, the group lasso, a ticket)
   (:mod:`~dessilbi_jax.train.compact_report`);
-* :func:`compact_metrics` gives ``compact_test_acc``, ``compact_params`` and
-  ``compact_macs`` of the network :func:`~dessilbi_jax.structure.remove`
-  would give now (for the trainer's per-epoch metrics);
-* :func:`~dessilbi_jax.train.compact_report.compact_extension` reports those
-  three every epoch of :func:`dessilbi_jax.train.fit` (a default extension of
+* :func:`compact` is :func:`~dessilbi_jax.structure.remove` with that keep-mask;
+* :func:`~dessilbi_jax.train.compact_report.compact_extension` reports
+  ``compact_test_acc``, ``compact_params`` and ``compact_macs`` every epoch of :func:`dessilbi_jax.train.fit` (a default extension of
   the optimizers with a keep-mask);
 * :func:`compact_run` reads a run directory's checkpoint and writes the
   compact model (``dessilbi compact --run DIR [--epoch E] --out DIR2``).
@@ -51,15 +49,6 @@ def compact(model, variables, opt_state, input_shape, *, unit_map: Optional[Unit
   keep = compact_keep(unit_map, variables['params'], opt_state)
   small, small_vars, _ = surgery.remove(model, variables, unit_map, keep)
   return small, small_vars, unit_map
-
-
-def compact_metrics(model, variables, opt_state, dataset: str, input_shape, *, data_dir=None,
-                    unit_map: Optional[UnitMap] = None) -> dict[str, Any]:
-  """``compact_test_acc``, ``compact_params`` and ``compact_macs`` of the compact network now."""
-  small, small_vars, _ = compact(model, variables, opt_state, input_shape, unit_map=unit_map)
-  return dict(compact_test_acc=steps.evaluate(small, small_vars, dataset, data_dir=data_dir),
-              compact_params=models.count_params(small_vars['params']),
-              compact_macs=models.count_flops(small, tuple(input_shape)))
 
 
 def compact_run(run_dir, epoch: Optional[int], out_dir, *, evaluate: bool = True) -> dict[str, Any]:
