@@ -684,13 +684,13 @@ def trace(model, variables, x, *, rebuild=None, apply_kwargs: Optional[dict] = N
   return zoo.annotate(model, unit_map)
 
 
-_LIBRARIES = ('/jax/', '/jaxlib/', '/flax/', '/dessilbi_jax/', '/contextlib.py', '/functools.py')
+_TRACEBACK_LIBRARIES = ('/jax/', '/jaxlib/', '/flax/', '/dessilbi_jax/', '/contextlib.py', '/functools.py')
 
 
-def _user_line(error: BaseException) -> str:
+def _error_user_line(error: BaseException) -> str:
   """The innermost frame of the traceback outside JAX, Flax and this library: the user's line."""
   frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if not any(part in f.filename.replace('\\', '/') for part in _LIBRARIES)]
+            if not any(part in f.filename.replace('\\', '/') for part in _TRACEBACK_LIBRARIES)]
   if not frames:
     return 'an unknown source line'
   frame = frames[-1]
@@ -729,7 +729,7 @@ def _eval_jaxpr(model, variables, x, apply_kwargs):
     except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError,
             jax.errors.TracerIntegerConversionError) as e:
       raise UntraceableError(
-          f'Cannot trace the model: Python control flow on an array\'s value at {_user_line(e)} '
+          f'Cannot trace the model: Python control flow on an array\'s value at {_error_user_line(e)} '
           f'({type(e).__name__}). The unit map follows one computation for every input: use jnp.where / '
           'jax.lax.cond there, or a static (Python) value.') from None
     except TypeError as e:
