@@ -214,8 +214,8 @@ def test_train_command_with_a_target_density(tmp_path, capsys):
   assert 'target 20.0%' in summary
   rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
   assert rows[-1]['weights_kept'] == pytest.approx(0.2, abs=0.02)
-  assert json.loads((out / 'config.json').read_text())['target_density'] == 0.2
-  for argv, message in ((['--optimizer', 'sgd', '--target-density', '0.3'], '--target-density steers DessiLBI'),
+  assert json.loads((out / 'config.json').read_text())['opt']['target_density'] == 0.2
+  for argv, message in ((['--optimizer', 'sgd', '--target-density', '0.3'], '--target-density: an option of --optimizer dessilbi or l0'),
                         (['--target-density', '0'], r'--target-density: must be in \(0, 1\]'),
                         (['--target-density', '0.3', '--target-method', 'sort'], '--target-method: must be one of'),
                         (['--target-density', '0.3', '--dual-lr', '-1'], '--dual-lr: must be in')):

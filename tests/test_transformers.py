@@ -253,11 +253,18 @@ def test_dessilbi_default_groups_give_head_and_neuron_keep_masks():
   assert kinds['Block_0']['attention']['value']['kernel'] == 'head'
   assert kinds['Block_1']['mlp_up']['kernel'] == 'neuron'
   assert kinds['Block_0']['attention']['out']['kernel'] is None and kinds['patch_embed']['kernel'] is None
-  # Γ with heads 1 and 3 of block 0 in the support (on the value kernel only): those heads are kept.
+  # Γ with heads 1 and 3 of block 0 in the support of its query, key and value kernels (the head groups
+  # DessiLBI keeps on each): only those heads are kept.
   support = jax.tree.map(lambda _: None, variables['params'])
-  support['Block_0']['attention']['value']['kernel'] = np.array([False, True, False, True])[None, :, None]
+  for name in ('query', 'key', 'value'):
+    support['Block_0']['attention'][name]['kernel'] = np.array([False, True, False, True])[None, :, None]
   keep = structure.keep_from_weights(unit_map, support)
   np.testing.assert_array_equal(keep['Block_0/attention/query'], [False, True, False, True])
+  # A head some producer still marks stays (a unit is dead only when nothing marks it): the compact
+  # network keeps a head whose value slice alone is zero, exactly what the masked one computes.
+  support['Block_0']['attention']['query']['kernel'] = None
+  keep = structure.keep_from_weights(unit_map, support)
+  assert keep['Block_0/attention/query'].all()
   assert keep['Block_1/attention/query'].all()
 
 
